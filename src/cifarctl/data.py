@@ -1,0 +1,376 @@
+"""CIFAR-10 on disk: download or import once, verify, and cache as uint8 tensors in one
+safetensors file that every other command loads in well under a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarctl import fsutil
+from cifarctl.archive import load_pickle_batch, safe_extract, tar_names
+from cifarctl.config import CIFAR10_MD5, CIFAR10_URL, DownloadConfig
+from cifarctl.errors import CifarctlError
+from cifarctl.fetch import fetch, md5_file
+from cifarctl.progress import Reporter
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ALIASES = {"plane": "airplane", "car": "automobile"}
+SPLITS = ("train", "test")
+CACHE_NAME = "cifar10.safetensors"
+CACHE_FORMAT = "cifarctl-dataset"
+FORMAT_VERSION = "1"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+_OFFICIAL_DIR = "cifar-10-batches-py"
+_CHUNK = 1000  # images per decode job: large enough to amortise process round trips
+
+
+@dataclass
+class Split:
+    """One split as arrays: images (N, 32, 32, 3) uint8 HWC, labels (N,) int64."""
+
+    images: Any
+    labels: Any
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """Both splits plus the class names and provenance stored with the cache."""
+
+    train: Split
+    test: Split
+    class_names: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        """The split called `name` ("train" or "test")."""
+        if name not in SPLITS:
+            raise CifarctlError(f"unknown split {name!r}; use train or test")
+        return getattr(self, name)
+
+
+def cache_path(data_dir: Path) -> Path:
+    """Where the tensor cache lives inside a data dir."""
+    return Path(data_dir) / CACHE_NAME
+
+
+class _InvalidCache(Exception):
+    pass
+
+
+def _read_cache(path: Path, framework: str) -> Dataset:
+    """Open and check a cache file; raises _InvalidCache naming what is wrong."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise _InvalidCache("missing")
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises several types for truncated or garbled files
+        raise _InvalidCache(f"unreadable: {err}") from err
+    if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise _InvalidCache(f"format {meta.get('format')!r} version {meta.get('format_version')!r}")
+    try:
+        class_names = json.loads(meta["class_names"])
+    except (KeyError, ValueError) as err:
+        raise _InvalidCache("class names missing") from err
+    splits = {}
+    for name in SPLITS:
+        images, labels = arrays.get(f"{name}_images"), arrays.get(f"{name}_labels")
+        if images is None or labels is None:
+            raise _InvalidCache(f"{name} arrays missing")
+        count = int(meta.get(f"{name}_count", -1))
+        if tuple(images.shape) != (count, 32, 32, 3) or str(images.dtype) not in ("uint8", "torch.uint8"):
+            raise _InvalidCache(f"{name} images have shape {tuple(images.shape)}, expected ({count}, 32, 32, 3) uint8")
+        if tuple(labels.shape) != (count,) or str(labels.dtype) not in ("int64", "torch.int64"):
+            raise _InvalidCache(f"{name} labels have shape {tuple(labels.shape)}")
+        if count and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
+            raise _InvalidCache(f"{name} labels out of range")
+        splits[name] = Split(images, labels)
+    return Dataset(splits["train"], splits["test"], list(class_names), dict(meta))
+
+
+def load_dataset(data_dir: Path) -> Dataset:
+    """Load the cache as torch uint8/int64 tensors, or raise an error that says how to get it."""
+    path = cache_path(data_dir)
+    try:
+        return _read_cache(path, "pt")
+    except _InvalidCache as err:
+        raise CifarctlError(f"no valid dataset cache at {path} ({err}); run `cifarctl download`") from err
+
+
+def ensure_dataset(cfg: DownloadConfig, reporter: Reporter) -> Dataset:
+    """Load the cache, running the download step first when it is missing or invalid."""
+    try:
+        return _read_cache(cache_path(cfg.data_dir), "pt")
+    except _InvalidCache:
+        download(cfg, reporter)
+        return load_dataset(cfg.data_dir)
+
+
+def summarize(ds: Dataset) -> dict[str, Any]:
+    """Image counts per split and class, as shown by `download` and printed by --json."""
+    out: dict[str, Any] = {}
+    for name in SPLITS:
+        labels = np.asarray(ds.split(name).labels)
+        counts = np.bincount(labels, minlength=len(ds.class_names)) if len(labels) else [0] * len(ds.class_names)
+        out[name] = {"images": int(len(labels)), "per_class": dict(zip(ds.class_names, map(int, counts)))}
+    return out
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
+    """Fetch or import CIFAR-10 once, verify it, and write the tensor cache. Returns a summary."""
+    data_dir = Path(cfg.data_dir)
+    cache = cache_path(data_dir)
+    if not cfg.force:
+        try:
+            ds = _read_cache(cache, "np")
+            return _summary(ds, cache, status="cached")
+        except _InvalidCache as err:
+            if cache.exists():
+                reporter.log(f"the cache at {cache} is invalid ({err}); rebuilding it")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    report = ImportReport()
+    if _is_url(cfg.source):
+        archive = data_dir / cfg.source.rstrip("/").rsplit("/", 1)[-1]
+        if archive.is_file():
+            md5, official = _verify_archive(archive, cfg)
+        else:
+            part = fetch(cfg.source, archive.with_name(archive.name + ".part"), reporter)
+            try:
+                md5, official = _verify_archive(part, cfg)
+            except CifarctlError:
+                part.unlink(missing_ok=True)  # a corrupt part would only be resumed into a corrupt file
+                raise
+            os.replace(part, archive)
+        arrays, class_names = _from_archive(archive, official, data_dir, reporter, report)
+    else:
+        src = Path(cfg.source).expanduser()
+        if src.is_dir():
+            md5 = None
+            arrays, class_names = _from_dir(src, reporter, report)
+        elif src.is_file():
+            md5, official = _verify_archive(src, cfg)
+            arrays, class_names = _from_archive(src, official, data_dir, reporter, report)
+        else:
+            raise CifarctlError(f"source {cfg.source} does not exist; pass an http(s) URL, a .tar.gz or a folder")
+    meta = {
+        "format": CACHE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "class_names": json.dumps(class_names),
+        "source": cfg.source,
+        "source_md5": md5 or "",
+        "train_count": str(len(arrays["train_labels"])),
+        "test_count": str(len(arrays["test_labels"])),
+    }
+    _write_cache(cache, arrays, meta)
+    ds = _read_cache(cache, "np")
+    return _summary(ds, cache, status="built", converted=report.converted, skipped=report.skipped)
+
+
+def _summary(ds: Dataset, cache: Path, status: str, converted: int = 0, skipped: list | None = None) -> dict[str, Any]:
+    return {
+        "status": status,
+        "cache": str(cache),
+        "source": ds.metadata.get("source", ""),
+        "source_md5": ds.metadata.get("source_md5", ""),
+        "class_names": ds.class_names,
+        "splits": summarize(ds),
+        "converted": converted,
+        "skipped": skipped or [],
+    }
+
+
+def _write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    with fsutil.atomic_path(cache) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
+
+
+def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, bool]:
+    """Check an archive's md5 before anything in it is unpacked. Returns (md5, is_official_layout).
+
+    The expected md5 is --md5 when given, else the official one for an archive in the official
+    layout; an image-folder archive without --md5 is accepted and its md5 recorded.
+    """
+    md5 = md5_file(archive)
+    official = any(n.rstrip("/").endswith(f"{_OFFICIAL_DIR}/data_batch_1") for n in tar_names(archive))
+    expected = cfg.md5 or (CIFAR10_MD5 if official or cfg.source == CIFAR10_URL else None)
+    if expected and md5 != expected.lower():
+        hint = "pass --md5 with the right checksum if this source is meant to differ from the official archive"
+        raise CifarctlError(f"md5 mismatch for {archive.name}: expected {expected}, got {md5}; {hint}")
+    return md5, official
+
+
+def _from_archive(archive: Path, official: bool, data_dir: Path, reporter: Reporter,
+                  report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
+    tmp = data_dir / f".extract-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        reporter.log(f"unpacking {archive.name}")
+        safe_extract(archive, tmp)
+        if official:
+            batches = next(tmp.rglob(f"{_OFFICIAL_DIR}/data_batch_1")).parent
+            return _from_official(batches)
+        return _from_dir(tmp, reporter, report)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_official(batches: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Read the python-pickle release: 5 training batches, a test batch and batches.meta."""
+    meta = load_pickle_batch(batches / "batches.meta")
+    class_names = [str(n) for n in meta.get("label_names", [])]
+    if not class_names:
+        raise CifarctlError("batches.meta has no label_names; the archive is not CIFAR-10")
+    arrays = {}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        images, labels = [], []
+        for name in names:
+            path = batches / name
+            if not path.is_file():
+                raise CifarctlError(f"{name} is missing from the archive; re-download it")
+            batch = load_pickle_batch(path)
+            data, lab = batch.get("data"), batch.get("labels")
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise CifarctlError(f"{name}: 'data' is not a uint8 array of rows of 3072")
+            if not isinstance(lab, list) or len(lab) != len(data):
+                raise CifarctlError(f"{name}: 'labels' is not a list as long as 'data'")
+            # Rows are channel-major (R plane, G plane, B plane); the cache is HWC.
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(lab, dtype=np.int64))
+        arrays[f"{split}_images"] = np.concatenate(images)
+        arrays[f"{split}_labels"] = np.concatenate(labels)
+        if arrays[f"{split}_labels"].size and not (0 <= arrays[f"{split}_labels"].min() and
+                                                   arrays[f"{split}_labels"].max() < len(class_names)):
+            raise CifarctlError(f"{split} labels fall outside the {len(class_names)} classes")
+    return arrays, class_names
+
+
+@dataclass
+class ImportReport:
+    """What an image-folder import changed or could not read."""
+
+    converted: int = 0  # images that were not 32x32 RGB and were converted and resized
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"} per unreadable file
+
+
+def _find_split_root(folder: Path) -> Path:
+    """The folder holding train/ and test/: the given one, or its only subfolder (a tar's top dir)."""
+    for _ in range(3):
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            return folder
+        subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if len(subdirs) != 1:
+            break
+        folder = subdirs[0]
+    raise CifarctlError(f"{folder} has no train/<class>/ and test/<class>/ folders; see `cifarctl download --help`")
+
+
+def _class_dirs(split_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def class_order(names: list[str]) -> list[str]:
+    """CIFAR-10's class order (with its canonical names) when the folders are CIFAR-10's classes,
+    else the folder names sorted."""
+    canonical = [ALIASES.get(n.lower(), n.lower()) for n in names]
+    if sorted(canonical) == sorted(CLASSES):
+        return list(CLASSES)
+    return sorted(names)
+
+
+def _from_dir(folder: Path, reporter: Reporter, report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
+    root = _find_split_root(folder)
+    class_names = class_order(list(_class_dirs(root / "train")))
+    cifar = class_names == list(CLASSES)
+
+    def label_of(folder_name: str) -> int | None:
+        name = ALIASES.get(folder_name.lower(), folder_name.lower()) if cifar else folder_name
+        return class_names.index(name) if name in class_names else None
+
+    arrays = {}
+    for split in SPLITS:
+        dirs = _class_dirs(root / split)
+        unknown = sorted(n for n in dirs if label_of(n) is None)
+        if unknown:
+            raise CifarctlError(f"{split}/ has classes that train/ lacks: {', '.join(unknown)}")
+        files, labels = [], []
+        for name, d in dirs.items():
+            found = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files += found
+            labels += [label_of(name)] * len(found)
+        if not files:
+            raise CifarctlError(f"no images in {root / split}; expected {split}/<class>/*.png|jpg|bmp|webp")
+        images, ok = _decode_all([str(f) for f in files], f"importing {split}", reporter, report)
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)[ok]
+        if not len(images):
+            raise CifarctlError(f"none of the images in {root / split} could be read")
+    return arrays, class_names
+
+
+def _decode_chunk(paths: list[str]) -> tuple[np.ndarray, list[int], int, list[dict[str, str]]]:
+    """Decode image files to (k, 32, 32, 3) uint8; returns the images, the indices that worked,
+    how many needed converting, and the failures."""
+    from PIL import Image
+
+    out, ok, converted, failed = [], [], 0, []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                if im.size != (32, 32) or im.mode != "RGB":
+                    converted += 1
+                    im = im.convert("RGB")
+                    if im.size != (32, 32):
+                        im = im.resize((32, 32), Image.Resampling.LANCZOS)
+                out.append(np.asarray(im, dtype=np.uint8))
+            ok.append(i)
+        except Exception as err:  # PIL raises many types for unreadable or truncated files
+            failed.append({"path": path, "error": f"{type(err).__name__}: {err}"})
+    images = np.stack(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
+    return images, ok, converted, failed
+
+
+def _decode_all(paths: list[str], description: str, reporter: Reporter,
+                report: ImportReport) -> tuple[np.ndarray, np.ndarray]:
+    chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    workers = min(os.cpu_count() or 1, 8, len(chunks))
+    images, ok = [], []
+    with reporter.task(description, len(paths)) as task:
+        if workers > 1:
+            # spawn, not fork: the parent may hold threads (progress display) that fork would copy mid-lock.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                results = pool.map(_decode_chunk, chunks)
+                for start, res in zip(range(0, len(paths), _CHUNK), results):
+                    _collect(res, start, images, ok, report, task)
+        else:
+            for start, chunk in zip(range(0, len(paths), _CHUNK), chunks):
+                _collect(_decode_chunk(chunk), start, images, ok, report, task)
+    return np.concatenate(images), np.asarray(ok, dtype=np.int64)
+
+
+def _collect(res, start, images, ok, report, task) -> None:
+    imgs, idx, converted, failed = res
+    images.append(imgs)
+    ok.extend(start + i for i in idx)
+    report.converted += converted
+    report.skipped.extend(failed)
+    task.advance(len(idx) + len(failed))
