@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cifarctl import __version__
+from cifarctl.config import ModelName, TrainConfig
 
 app = typer.Typer(
     name="cifarctl",
@@ -27,7 +28,7 @@ app = typer.Typer(
 
 DataDir = Annotated[
     Optional[Path],
-    typer.Option("--data-dir", envvar="CIFARCTL_DATA_DIR", help="Folder holding the dataset cache [default: ./data]."),
+    typer.Option("--data-dir", envvar="CIFARCTL_DATA_DIR", help="Folder holding the dataset cache  \\[default: ./data]."),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 
@@ -147,10 +148,92 @@ def _not_built(name: str) -> None:
     _fail(f"`cifarctl {name}` is not built yet", 2)
 
 
+_T = TrainConfig  # defaults shown in --help come from the config dataclass itself
+
+
 @app.command()
-def train() -> None:
-    """Train a model (not built yet)."""
-    _not_built("train")
+def train(
+    model: Annotated[
+        Optional[ModelName], typer.Option("--model", "-m", help=f"Network to train  \\[default: {_T.model}].")
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help=f"Images per step  \\[default: {_T.batch_size}].")
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help=f"Passes over the training set  \\[default: {_T.epochs}].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Learning rate  \\[default: {_T.lr}].")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help=f"SGD momentum  \\[default: {_T.momentum}].")] = None,
+    weight_decay: Annotated[
+        Optional[float], typer.Option("--weight-decay", help=f"L2 weight decay  \\[default: {_T.weight_decay}].")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps  \\[default: auto].")
+    ] = None,
+    gpu: Annotated[bool, typer.Option("--gpu", help="The same as --device cuda.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed  \\[default: a fresh one, recorded in the run].")] = None,
+    deterministic: Annotated[
+        Optional[bool], typer.Option("--deterministic", help="Use deterministic kernels only.")
+    ] = None,
+    log_every: Annotated[
+        Optional[int], typer.Option("--log-every", min=1, help=f"Steps between loss lines  \\[default: {_T.log_every}].")
+    ] = None,
+    output_dir: Annotated[
+        Optional[Path], typer.Option("--output-dir", "-o", help="Run directory  \\[default: runs/<model>-<timestamp>].")
+    ] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the run in this directory where it stopped.")
+    ] = None,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Train a model; the defaults are the PyTorch tutorial's recipe (batch 4, SGD lr 0.001 momentum 0.9, 2 epochs).
+
+    Writes weights.safetensors, metrics.csv, config.json, curves.png and a checkpoint to the run directory, and points runs/latest at it. Ctrl-C or SIGTERM saves a checkpoint; --resume continues. Options given with --resume override the saved run's settings (e.g. more --epochs).
+    """
+    from cifarctl.config import train_config
+
+    if gpu:
+        if device not in (None, "cuda") and not str(device).startswith("cuda"):
+            _fail("--gpu conflicts with --device " + str(device), 2)
+        device = device or "cuda"
+    overrides = dict(batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     device=device, seed=seed, deterministic=deterministic, log_every=log_every,
+                     output_dir=output_dir, data_dir=data_dir)
+    if model is not None:
+        overrides["model"] = model.value
+    out, news = _consoles(json_out)
+
+    def run() -> dict[str, Any]:
+        from cifarctl.progress import make_reporter
+        from cifarctl.train import train as train_run
+
+        reporter = make_reporter(news)
+        if resume is not None:
+            return train_run(train_config(), reporter, resume=resume, overrides=overrides)
+        name = overrides.pop("model", None) or TrainConfig.model
+        return train_run(train_config(name, **overrides), reporter)
+
+    summary = _run(run)
+    if json_out:
+        _print_json(summary)
+        return
+    _render_train(out, summary)
+
+
+def _render_train(console, s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"trained {s['model']}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("test accuracy", f"{100 * s['test_accuracy']:.2f}%")
+    table.add_row("time", f"{s['time_s']:.1f} s")
+    if s["images_per_s"]:
+        table.add_row("images/s", f"{s['images_per_s']:,.0f}")
+    table.add_row("device", s["device"])
+    table.add_row("seed", str(s["seed"]))
+    for name, path in s["files"].items():
+        table.add_row(name, path)
+    console.print(table)
 
 
 @app.command()

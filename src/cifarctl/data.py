@@ -374,3 +374,20 @@ def _collect(res, start, images, ok, report, task) -> None:
     report.converted += converted
     report.skipped.extend(failed)
     task.advance(len(idx) + len(failed))
+
+
+def normalise(images: Any, mean: list[float], std: list[float], device: Any, chunk: int = 10_000) -> Any:
+    """uint8 (N, 32, 32, 3) HWC -> float32 (N, 3, 32, 32) on `device`, as (x/255 - mean) / std.
+
+    Done once for the whole split, in chunks so that the float temporaries stay small.
+    """
+    import torch
+
+    images = torch.as_tensor(images)
+    out = torch.empty((len(images), 3, 32, 32), dtype=torch.float32, device=device)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        out[start:start + chunk] = (part / 255 - m) / s
+    return out

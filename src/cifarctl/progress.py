@@ -19,7 +19,7 @@ def _human_bytes(n: float) -> str:
 
 
 def _fmt_fields(fields: dict[str, Any]) -> str:
-    return "  ".join(f"{k} {v}" for k, v in fields.items() if v not in (None, ""))
+    return "  ".join(str(v) for v in fields.values() if v not in (None, ""))
 
 
 class Task:
