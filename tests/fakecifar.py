@@ -12,6 +12,7 @@ import socket
 import struct
 import tarfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, so its dispatch 
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
         module = getattr(obj, "__module__", "")
-        if name is None and getattr(obj, "__name__", "") == "_reconstruct" and "multiarray" in module:
+        if getattr(obj, "__name__", "") == "_reconstruct" and "multiarray" in module:
             self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
             self.memoize(obj)
             return
@@ -246,12 +247,13 @@ class FileServer:
 
     range_support: answer "Range: bytes=N-" with 206 (else always 200 with the whole body).
     cut_at: the first response stops (connection closed) once the client holds this many bytes.
+    delay_s: wait this long before each body, so that concurrent clients overlap.
     """
 
     def __init__(self, payload: bytes, name: str = "cifar-10-python.tar.gz", *, range_support: bool = True,
-                 cut_at: int | None = None) -> None:
+                 cut_at: int | None = None, delay_s: float = 0.0) -> None:
         self.payload, self.name = payload, name
-        self.range_support, self.cut_at = range_support, cut_at
+        self.range_support, self.cut_at, self.delay_s = range_support, cut_at, delay_s
         self.requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
         server = self
@@ -285,6 +287,8 @@ class FileServer:
                 self.send_header("Content-Type", "application/gzip")
                 self.send_header("Content-Length", str(total - start))
                 self.end_headers()
+                if server.delay_s:
+                    time.sleep(server.delay_s)
                 if cut is not None and start < cut:
                     self.wfile.write(body[start:cut])
                     self.wfile.flush()

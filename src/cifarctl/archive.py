@@ -103,8 +103,8 @@ def load_pickle_batch(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except CifarctlError:
-        raise
+    except CifarctlError as err:
+        raise CifarctlError(f"{path.name}: {err}") from err
     except Exception as err:
         raise CifarctlError(f"{path.name} is not a readable CIFAR-10 batch ({err}); re-download it") from err
     if not isinstance(obj, dict):

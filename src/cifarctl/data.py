@@ -3,13 +3,16 @@ safetensors file that every other command loads in well under a second."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import urllib.parse
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -68,8 +71,19 @@ class _InvalidCache(Exception):
     pass
 
 
-def _read_cache(path: Path, framework: str) -> Dataset:
-    """Open and check a cache file; raises _InvalidCache naming what is wrong."""
+def _content_md5(arrays: dict[str, Any]) -> str:
+    """md5 over every array's name and bytes, in name order: catches flipped bits in the pixels."""
+    h = hashlib.md5()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, framework: str, verify: bool = False) -> Dataset:
+    """Open and check a cache file; raises _InvalidCache naming what is wrong. `verify` (numpy
+    only) also recomputes the content checksum, which reads every byte."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -91,7 +105,10 @@ def _read_cache(path: Path, framework: str) -> Dataset:
         images, labels = arrays.get(f"{name}_images"), arrays.get(f"{name}_labels")
         if images is None or labels is None:
             raise _InvalidCache(f"{name} arrays missing")
-        count = int(meta.get(f"{name}_count", -1))
+        try:
+            count = int(meta.get(f"{name}_count", -1))
+        except ValueError as err:
+            raise _InvalidCache(f"{name}_count is not a number") from err
         if tuple(images.shape) != (count, 32, 32, 3) or str(images.dtype) not in ("uint8", "torch.uint8"):
             raise _InvalidCache(f"{name} images have shape {tuple(images.shape)}, expected ({count}, 32, 32, 3) uint8")
         if tuple(labels.shape) != (count,) or str(labels.dtype) not in ("int64", "torch.int64"):
@@ -99,6 +116,8 @@ def _read_cache(path: Path, framework: str) -> Dataset:
         if count and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
             raise _InvalidCache(f"{name} labels out of range")
         splits[name] = Split(images, labels)
+    if verify and meta.get("content_md5") and _content_md5(arrays) != meta["content_md5"]:
+        raise _InvalidCache("its contents do not match their checksum")
     return Dataset(splits["train"], splits["test"], list(class_names), dict(meta))
 
 
@@ -134,24 +153,77 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def _archive_name(url: str) -> str:
+    """The file name a URL's archive is kept under: the last path segment, query left out."""
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    return name if name not in ("", ".", "..") and "/" not in name and "\\" not in name else "download.tar.gz"
+
+
+def _cached(cfg: DownloadConfig, cache: Path, reporter: Reporter, quiet: bool = False) -> dict[str, Any] | None:
+    """The summary of a valid cache (every byte checked), or None when it must be built."""
+    try:
+        ds = _read_cache(cache, "np", verify=True)
+    except _InvalidCache as err:
+        if cache.exists() and not quiet:
+            reporter.log(f"the cache at {cache} is invalid ({err}); rebuilding it")
+        return None
+    built_from = ds.metadata.get("source", "")
+    if built_from and built_from != cfg.source and not quiet:
+        reporter.log(f"the cache was built from {built_from}; pass --force to rebuild it from {cfg.source}")
+    return _summary(ds, cache, status="cached")
+
+
+@contextlib.contextmanager
+def _dir_lock(data_dir: Path, reporter: Reporter):
+    """Hold an exclusive lock on the data dir, so that concurrent downloads (e.g. every rank of a
+    torchrun job) do not write the same .part file; yields whether it had to wait."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks on folders
+        yield False
+        return
+    fd = os.open(data_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            reporter.log(f"another cifarctl download is writing to {data_dir}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
 def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
     """Fetch or import CIFAR-10 once, verify it, and write the tensor cache. Returns a summary."""
     data_dir = Path(cfg.data_dir)
     cache = cache_path(data_dir)
-    if not cfg.force:
-        try:
-            ds = _read_cache(cache, "np")
-            return _summary(ds, cache, status="cached")
-        except _InvalidCache as err:
-            if cache.exists():
-                reporter.log(f"the cache at {cache} is invalid ({err}); rebuilding it")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.force and (summary := _cached(cfg, cache, reporter)):
+        return summary
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with _dir_lock(data_dir, reporter) as waited:
+            if waited and not cfg.force and (summary := _cached(cfg, cache, reporter, quiet=True)):
+                return summary
+            return _build(cfg, data_dir, cache, reporter)
+    except OSError as err:  # disk full, permissions, a file where a folder should be
+        where = err.filename or data_dir
+        raise CifarctlError(f"{where}: {err.strerror or err}; check --source, --data-dir and free disk space") from err
+
+
+def _build(cfg: DownloadConfig, data_dir: Path, cache: Path, reporter: Reporter) -> dict[str, Any]:
     report = ImportReport()
     if _is_url(cfg.source):
-        archive = data_dir / cfg.source.rstrip("/").rsplit("/", 1)[-1]
-        if archive.is_file():
-            md5, official = _verify_archive(archive, cfg)
-        else:
+        archive = data_dir / _archive_name(cfg.source)
+        if archive.is_file():  # kept by an earlier run: rebuild from it without the network
+            try:
+                md5, official = _verify_archive(archive, cfg)
+            except CifarctlError as err:
+                reporter.log(f"{archive.name} from an earlier run does not verify ({err}); downloading it again")
+                archive.unlink()
+        if not archive.is_file():
             part = fetch(cfg.source, archive.with_name(archive.name + ".part"), reporter)
             try:
                 md5, official = _verify_archive(part, cfg)
@@ -180,7 +252,7 @@ def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
         "test_count": str(len(arrays["test_labels"])),
     }
     _write_cache(cache, arrays, meta)
-    ds = _read_cache(cache, "np")
+    ds = _read_cache(cache, "np", verify=True)
     return _summary(ds, cache, status="built", converted=report.converted, skipped=report.skipped)
 
 
@@ -200,8 +272,10 @@ def _summary(ds: Dataset, cache: Path, status: str, converted: int = 0, skipped:
 def _write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
     from safetensors.numpy import save_file
 
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    meta = {**meta, "content_md5": _content_md5(arrays)}
     with fsutil.atomic_path(cache) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
+        save_file(arrays, str(tmp), metadata=meta)
 
 
 def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, bool]:
@@ -211,11 +285,19 @@ def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, bool]:
     layout; an image-folder archive without --md5 is accepted and its md5 recorded.
     """
     md5 = md5_file(archive)
+
+    def check(expected: str) -> None:
+        if md5 != expected.strip().lower():
+            hint = "pass --md5 with the right checksum if this source is meant to differ from the official archive"
+            raise CifarctlError(f"md5 mismatch for {archive.name}: expected {expected}, got {md5}; {hint}")
+
+    # A known checksum is checked before the file is even read as a tar (it may be an error page).
+    expected = cfg.md5 or (CIFAR10_MD5 if cfg.source == CIFAR10_URL else None)
+    if expected:
+        check(expected)
     official = any(n.rstrip("/").endswith(f"{_OFFICIAL_DIR}/data_batch_1") for n in tar_names(archive))
-    expected = cfg.md5 or (CIFAR10_MD5 if official or cfg.source == CIFAR10_URL else None)
-    if expected and md5 != expected.lower():
-        hint = "pass --md5 with the right checksum if this source is meant to differ from the official archive"
-        raise CifarctlError(f"md5 mismatch for {archive.name}: expected {expected}, got {md5}; {hint}")
+    if official and not expected:
+        check(CIFAR10_MD5)
     return md5, official
 
 
@@ -229,7 +311,12 @@ def _from_archive(archive: Path, official: bool, data_dir: Path, reporter: Repor
         if official:
             batches = next(tmp.rglob(f"{_OFFICIAL_DIR}/data_batch_1")).parent
             return _from_official(batches)
-        return _from_dir(tmp, reporter, report)
+        first = len(report.skipped)
+        try:
+            return _from_dir(tmp, reporter, report)
+        finally:
+            for item in report.skipped[first:]:  # name files as they are in the archive, not the temp dir
+                item["path"] = f"{archive.name}:{Path(item['path']).relative_to(tmp).as_posix()}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -237,7 +324,8 @@ def _from_archive(archive: Path, official: bool, data_dir: Path, reporter: Repor
 def _from_official(batches: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read the python-pickle release: 5 training batches, a test batch and batches.meta."""
     meta = load_pickle_batch(batches / "batches.meta")
-    class_names = [str(n) for n in meta.get("label_names", [])]
+    names = meta.get("label_names")
+    class_names = [str(n) for n in names] if isinstance(names, list) else []
     if not class_names:
         raise CifarctlError("batches.meta has no label_names; the archive is not CIFAR-10")
     arrays = {}
@@ -255,7 +343,10 @@ def _from_official(batches: Path) -> tuple[dict[str, np.ndarray], list[str]]:
                 raise CifarctlError(f"{name}: 'labels' is not a list as long as 'data'")
             # Rows are channel-major (R plane, G plane, B plane); the cache is HWC.
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(lab, dtype=np.int64))
+            try:
+                labels.append(np.asarray(lab, dtype=np.int64))
+            except (TypeError, ValueError, OverflowError) as err:
+                raise CifarctlError(f"{name}: 'labels' are not whole numbers ({err})") from err
         arrays[f"{split}_images"] = np.concatenate(images)
         arrays[f"{split}_labels"] = np.concatenate(labels)
         if arrays[f"{split}_labels"].size and not (0 <= arrays[f"{split}_labels"].min() and
