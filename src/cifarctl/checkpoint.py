@@ -15,9 +15,13 @@ from cifarctl import fsutil
 from cifarctl.errors import CifarctlError
 
 
-def rng_state(shuffle: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every random-number state a run depends on, as (tensors, JSON-able values)."""
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.shuffle": shuffle.get_state()}
+def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random-number state a run depends on, as (tensors, JSON-able values).
+
+    `generators` are the run's own torch generators (shuffling, augmentation), saved by name.
+    """
+    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors.update({f"rng.{name}": g.get_state() for name, g in generators.items()})
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     version, internal, gauss = random.getstate()
@@ -29,10 +33,12 @@ def rng_state(shuffle: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, values
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], values: dict[str, Any], shuffle: torch.Generator) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], values: dict[str, Any],
+                  generators: dict[str, torch.Generator]) -> None:
     """Restore what `rng_state` captured."""
     torch.set_rng_state(tensors["rng.torch"])
-    shuffle.set_state(tensors["rng.shuffle"])
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     version, internal, gauss = values["python"]

@@ -61,3 +61,73 @@ class TutorialNet(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+@register("fast")
+class FastNet(nn.Module):
+    """A small BatchNorm conv net built for speed: a stem conv, three groups of
+    (conv, max-pool, BN, GELU, conv, BN, GELU) with configurable widths, global max-pool, linear head."""
+
+    def __init__(self, num_classes: int = 10, widths: list[int] | tuple[int, ...] = (32, 64, 128),
+                 stem: int = 24, head_scale: float = 1 / 9) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.GELU()]
+        c_in = stem
+        for width in widths:
+            conv1, bn1 = _conv_bn(c_in, width)
+            conv2, bn2 = _conv_bn(width, width)
+            layers += [conv1, nn.MaxPool2d(2), bn1, nn.GELU(), conv2, bn2, nn.GELU()]
+            c_in = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+        # A small logit scale keeps early softmax outputs soft, which lets a high learning rate train stably.
+        self.head_scale = head_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 32, 32) -> (N, num_classes)."""
+        x = self.body(x)  # (N, C, 4, 4)
+        x = torch.amax(x, dim=(2, 3))
+        return self.head(x) * self.head_scale
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+@register("resnet18")
+class ResNet18(nn.Module):
+    """The standard CIFAR ResNet-18: 3x3 stem without max-pool, four stages of two basic blocks."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_BasicBlock(c_in, c_out, stride), _BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 32, 32) -> (N, num_classes)."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)  # (N, 512, 4, 4)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -1,0 +1,81 @@
+"""Models: rebuilt from weights metadata alone, safetensors round trip, and they learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarctl.metrics import evaluate, logits
+from cifarctl.models import build_model, model_names
+from cifarctl.weights import load_weights, save_weights
+
+CONFIGS = {"tutorial": {"num_classes": 10}, "fast": {"num_classes": 10, "widths": [8, 16, 16], "stem": 8},
+           "resnet18": {"num_classes": 10}}
+
+
+def test_registry_lists_the_documented_models() -> None:
+    """The registry offers tutorial, fast and resnet18 by name."""
+    assert set(model_names()) >= {"tutorial", "fast", "resnet18"}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_model_round_trips_through_safetensors(name: str, tmp_path: Path) -> None:
+    """Every model is rebuilt from its weights file alone and gives the same outputs."""
+    torch.manual_seed(0)
+    model = build_model(name, CONFIGS[name]).eval()
+    meta = {"model": name, "model_config": CONFIGS[name], "class_names": [str(i) for i in range(10)],
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_weights(tmp_path / "w.safetensors", model.state_dict(), meta)
+    loaded = load_weights(tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    assert loaded.model.state_dict().keys() == model.state_dict().keys()
+
+
+def test_tutorial_net_is_the_tutorials_architecture() -> None:
+    """The tutorial model has the tutorial's layers and 62,006 parameters."""
+    model = build_model("tutorial")
+    assert sum(p.numel() for p in model.parameters()) == 62006
+    assert [tuple(m.weight.shape) for m in (model.conv1, model.conv2, model.fc1, model.fc2, model.fc3)] == [
+        (6, 3, 5, 5), (16, 6, 5, 5), (120, 400), (84, 120), (10, 84)]
+
+
+@pytest.mark.parametrize("name", ["fast", "resnet18"])
+def test_a_few_steps_lower_the_loss(name: str) -> None:
+    """A few SGD steps on a fixed tiny batch lower its loss."""
+    torch.manual_seed(0)
+    model = build_model(name, CONFIGS[name])
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_flip_tta_equals_averaging_logits_by_hand() -> None:
+    """Flip TTA is the mean of the logits of the batch and of its mirror image."""
+    torch.manual_seed(0)
+    model = build_model("fast", CONFIGS["fast"]).eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        by_hand = (model(x) + model(x.flip(-1))) / 2
+    assert torch.allclose(logits(model, x, batch_size=4, tta="flip"), by_hand, atol=1e-6)
+
+
+def test_evaluate_with_tta_scores_the_averaged_logits() -> None:
+    """evaluate(tta=flip) counts top-1 hits of the averaged logits."""
+    torch.manual_seed(0)
+    model = build_model("fast", CONFIGS["fast"]).eval()
+    x, y = torch.randn(20, 3, 32, 32), torch.arange(20) % 10
+    with torch.no_grad():
+        pred = ((model(x) + model(x.flip(-1))) / 2).argmax(1)
+    assert evaluate(model, x, y, 10, tta="flip").correct == int((pred == y).sum())
