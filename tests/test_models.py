@@ -79,3 +79,29 @@ def test_evaluate_with_tta_scores_the_averaged_logits() -> None:
     with torch.no_grad():
         pred = ((model(x) + model(x.flip(-1))) / 2).argmax(1)
     assert evaluate(model, x, y, 10, tta="flip").correct == int((pred == y).sum())
+
+
+def _write_header(path: Path, header: bytes) -> None:
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_deeply_nested_header_is_a_clear_error(tmp_path: Path) -> None:
+    """A header of deeply nested JSON is refused with a usage error, not a RecursionError traceback."""
+    from cifarctl.errors import UsageError
+
+    _write_header(tmp_path / "w.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(UsageError, match="not JSON"):
+        load_weights(tmp_path / "w.safetensors")
+
+
+def test_metadata_of_the_wrong_type_is_a_clear_error(tmp_path: Path) -> None:
+    """class_names that are not a list of names, or a mean that is not 3 numbers, are refused."""
+    from cifarctl.errors import UsageError
+
+    model = build_model("tutorial")
+    good = {"model": "tutorial", "model_config": {"num_classes": 10}, "class_names": [str(i) for i in range(10)],
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    for key, value in (("class_names", 5), ("mean", [0.5]), ("class_names", ["a", "b"])):
+        save_weights(tmp_path / "w.safetensors", model.state_dict(), {**good, key: value})
+        with pytest.raises(UsageError):
+            load_weights(tmp_path / "w.safetensors")

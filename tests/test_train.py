@@ -148,3 +148,28 @@ def test_sigterm_exits_143_with_a_checkpoint(resume_data, tmp_path: Path) -> Non
     assert proc.returncode == 143, output
     assert (run / "checkpoint.safetensors").is_file()
     assert os.path.getsize(run / "checkpoint.safetensors") > 0
+
+
+def test_fast_model_trains_with_augmentation_and_records_tta(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--model fast trains with its preset (augmentation, bf16, TTA) and its weights say which TTA they use."""
+    run = tmp_path / "fast"
+    result = _cli("train", "--model", "fast", "--width", "8,16,16", "-b", "32", "--epochs", "1",
+                  "--data-dir", str(tiny_data_dir), "-o", str(run), "--seed", "0", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tta"] == "flip-translate" and 0 <= summary["test_accuracy_plain"] <= 1
+    weights = load_weights(run / "weights.safetensors")
+    assert weights.meta["tta"] == "flip-translate" and weights.meta["model_config"]["widths"] == [8, 16, 16]
+    assert weights.meta["precision"] == "bf16"
+
+
+def test_resume_restores_augmentation_state_exactly(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """A fast run stopped after epoch 1 and resumed ends with the weights of an uninterrupted run."""
+    common = ["--model", "fast", "--width", "8,16,16", "-b", "32", "--schedule", "constant", "--lr", "0.05",
+              "--data-dir", str(tiny_data_dir), "--seed", "3", "--cutout", "4", "--flip", "random"]
+    assert _cli("train", *common, "--epochs", "2", "-o", str(tmp_path / "full")).exit_code == 0
+    assert _cli("train", *common, "--epochs", "1", "-o", str(tmp_path / "part")).exit_code == 0
+    result = _cli("train", "--resume", str(tmp_path / "part"), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    _assert_identical(load_file(str(tmp_path / "part" / "weights.safetensors")),
+                      load_file(str(tmp_path / "full" / "weights.safetensors")))

@@ -56,11 +56,11 @@ class Task:
     def __enter__(self) -> Task:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
-    def close(self) -> None:
-        """Finish the display of this task."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the display of this task (without a final summary line when it failed)."""
 
 
 class Reporter:
@@ -94,6 +94,7 @@ class _PlainTask(Task):
         self.reporter, self.description, self.unit = reporter, description, unit
         self.start = self.last = time.monotonic()
         self.start_completed = 0.0
+        self.printed: str | None = None
 
     def reset(self, completed: float = 0, total: float | None = None) -> None:
         self.start_completed = completed
@@ -117,10 +118,17 @@ class _PlainTask(Task):
         now = time.monotonic()
         if now - self.last >= self.reporter.every_s:
             self.last = now
-            self.reporter.log(self._line())
+            self._print()
 
-    def close(self) -> None:
-        self.reporter.log(self._line())
+    def _print(self) -> None:
+        line = self._line()
+        if line != self.printed:
+            self.printed = line
+            self.reporter.log(line)
+
+    def close(self, failed: bool = False) -> None:
+        if not failed:
+            self._print()
 
 
 class RichReporter(Reporter):
@@ -158,7 +166,7 @@ class _RichTask(Task):
     def _refresh(self) -> None:
         self._progress.update(self._id, completed=self.completed, info=_fmt_fields(self.fields))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._refresh()
         self._progress.stop()
 

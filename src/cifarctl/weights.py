@@ -69,7 +69,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise UsageError(f"{path} is not a valid safetensors file (its header is not JSON)") from err
     if not isinstance(header, dict):
         raise UsageError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
@@ -95,9 +95,30 @@ def read_metadata(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path} lacks the {key!r} metadata; it was not written by cifarctl train")
         try:
             meta[key] = json.loads(meta[key])
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise UsageError(f"{path}: metadata {key!r} is not valid JSON") from err
+    _check_types(path, meta)
     return meta
+
+
+def _check_types(path: Path, meta: dict[str, Any]) -> None:
+    """Metadata a model is rebuilt from must have the right shapes, or later code would crash."""
+    def bad(what: str) -> UsageError:
+        return UsageError(f"{path}: metadata {what}; the file was not written by cifarctl train")
+
+    names = meta["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise bad("'class_names' is not a list of names")
+    if not isinstance(meta["model_config"], dict):
+        raise bad("'model_config' is not an object")
+    if meta["model_config"].get("num_classes", len(names)) != len(names):
+        raise bad("'class_names' does not match the model's number of classes")
+    for key in ("mean", "std"):
+        value = meta[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise bad(f"{key!r} is not 3 numbers")
+    if not isinstance(meta.get("model"), str):
+        raise bad("'model' is not a name")
 
 
 def load_weights(path: Path, device: str = "cpu") -> Weights:
