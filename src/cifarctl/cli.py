@@ -159,6 +159,18 @@ def _render_download(console, summary: dict[str, Any]) -> None:
 
 
 _T = TrainConfig  # defaults shown in --help come from the config dataclass itself
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps  \\[default: auto].")]
+GpuOpt = Annotated[bool, typer.Option("--gpu", help="The same as --device cuda.")]
+
+
+def _device(device: Optional[str], gpu: bool) -> str:
+    """--device with --gpu folded in."""
+    if gpu:
+        if device not in (None, "cuda") and not str(device).startswith("cuda"):
+            _fail("--gpu conflicts with --device " + str(device), 2)
+        return device or "cuda"
+    return device or "auto"
+
 
 
 @app.command(epilog="Recipes per model (every option above overrides them):\n\n" + describe_presets())
@@ -175,10 +187,8 @@ def train(
     weight_decay: Annotated[
         Optional[float], typer.Option("--weight-decay", help=f"L2 weight decay  \\[default: {_T.weight_decay}].")
     ] = None,
-    device: Annotated[
-        Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps  \\[default: auto].")
-    ] = None,
-    gpu: Annotated[bool, typer.Option("--gpu", help="The same as --device cuda.")] = False,
+    device: DeviceOpt = None,
+    gpu: GpuOpt = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed  \\[default: a fresh one, recorded in the run].")] = None,
     deterministic: Annotated[
         Optional[bool], typer.Option("--deterministic", help="Use deterministic kernels only.")
@@ -235,10 +245,8 @@ def train(
     """
     from cifarctl.config import train_config
 
-    if gpu:
-        if device not in (None, "cuda") and not str(device).startswith("cuda"):
-            _fail("--gpu conflicts with --device " + str(device), 2)
-        device = device or "cuda"
+    if gpu or device is not None:
+        device = _device(device, gpu)
     overrides = dict(batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      device=device, seed=seed, deterministic=deterministic, log_every=log_every,
                      nesterov=nesterov, label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
@@ -305,18 +313,7 @@ def _render_train(console, s: dict[str, Any]) -> None:
     console.print(table)
 
 
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps  \\[default: auto].")]
-GpuOpt = Annotated[bool, typer.Option("--gpu", help="The same as --device cuda.")]
 _E, _P, _S = EvaluateConfig, PredictConfig, ShowBatchConfig  # defaults shown in --help come from the config
-
-
-def _device(device: Optional[str], gpu: bool) -> str:
-    """--device with --gpu folded in, as `train` does it."""
-    if gpu:
-        if device not in (None, "cuda") and not str(device).startswith("cuda"):
-            _fail("--gpu conflicts with --device " + str(device), 2)
-        return device or "cuda"
-    return device or "auto"
 
 
 @app.command()

@@ -375,7 +375,9 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     generators = {"shuffle": shuffle, "augment": augment}
-    next_batch, flip_base = _batch_source(cfg, train_x, augment)
+    next_batch, flip_base = _batch_source(cfg, train_x, augment)  # flip_base: the same on every rank
+    if world.rank:
+        augment.manual_seed(cfg.seed + 1 + 1_000_003 * world.rank)  # other ranks draw other crops and flips
 
     root = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.model)
     if world.enabled:
