@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -116,21 +117,27 @@ def test_resume_after_sigkill_in_epoch_two_is_bit_identical(resume_data, tmp_pat
     _assert_identical(load_file(str(run / "weights.safetensors")), full)
 
 
+def _signal_mid_run(data_dir: Path, run: Path, sig: int, delay: float) -> tuple[int, str]:
+    """Start a run, send `sig` once it is training, and return (exit code, output)."""
+    proc = subprocess.Popen(_train_cmd(data_dir, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(run / "config.json", proc)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    return proc.returncode, output
+
+
 @pytest.mark.slow
 def test_resume_after_sigint_mid_epoch_is_bit_identical(resume_data, tmp_path: Path) -> None:
     """Ctrl-C mid-epoch saves a checkpoint, exits 130 with the resume command; resuming gives identical weights."""
     data_dir, full = resume_data
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(data_dir, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(run / "config.json", proc)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
+    code, output = _signal_mid_run(data_dir, run, signal.SIGINT, 0.5)
+    assert code == 130, output
     assert f"cifarctl train --resume {run}" in output
     assert "Traceback" not in output
-    ckpt_meta = json.loads(__import__("safetensors").safe_open(str(run / "checkpoint.safetensors"), "pt")
-                           .metadata()["cifarctl_checkpoint"])
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        ckpt_meta = json.loads(f.metadata()["cifarctl_checkpoint"])
     assert ckpt_meta["step"] > 0, "the interrupt should land mid-epoch"
     subprocess.run([sys.executable, "-m", "cifarctl", "train", "--resume", str(run)], check=True, capture_output=True)
     _assert_identical(load_file(str(run / "weights.safetensors")), full)
@@ -140,12 +147,8 @@ def test_sigterm_exits_143_with_a_checkpoint(resume_data, tmp_path: Path) -> Non
     """SIGTERM finishes the step, writes the checkpoint and exits 143."""
     data_dir, _ = resume_data
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(data_dir, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(run / "config.json", proc)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143, output
+    code, output = _signal_mid_run(data_dir, run, signal.SIGTERM, 0.3)
+    assert code == 143, output
     assert (run / "checkpoint.safetensors").is_file()
     assert os.path.getsize(run / "checkpoint.safetensors") > 0
 

@@ -136,7 +136,7 @@ class TrainConfig:
 # command line override these.
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
-    "fast": dict(batch_size=512, epochs=12, lr=0.5, momentum=0.9, nesterov=True, weight_decay=5e-4,
+    "fast": dict(batch_size=256, epochs=12, lr=0.35, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  label_smoothing=0.2, schedule="onecycle", warmup_epochs=1.0, flip="alternate", crop_pad=2,
                  width="32,64,128", precision="bf16", channels_last=True, tta="flip-translate",
                  normalization="dataset", log_every=25),
