@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import import_dataset
+
 
 def run(data_dir: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> tuple[list[float], float]:
     cmd = [sys.executable, "-m", "cifarctl", "train", "--model", args.model, "--data-dir", str(data_dir),
@@ -36,9 +38,7 @@ def main() -> None:
     parser.add_argument("--train-args", default="")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cifarctl-ddp")
     args = parser.parse_args()
-    data_dir = args.work / "data"
-    subprocess.run([sys.executable, "-m", "cifarctl", "download", "--source", args.source, "--data-dir", str(data_dir),
-                    "--json"], check=True, capture_output=True)
+    data_dir = import_dataset(args.source, args.work)
     rows = []
     if args.nproc > 1:
         rows.append(("1 process", run(data_dir, args.work / "single", args, ["-b", str(args.global_batch)])))

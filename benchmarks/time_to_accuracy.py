@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import import_dataset
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,9 +32,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cifarctl-tta")
     args = parser.parse_args()
 
-    data_dir = args.work / "data"
-    subprocess.run([sys.executable, "-m", "cifarctl", "download", "--source", args.source, "--data-dir", str(data_dir),
-                    "--json"], check=True, capture_output=True)
+    data_dir = import_dataset(args.source, args.work)
     results = []
     for seed in range(args.seeds):
         t = time.perf_counter()

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import import_dataset
+
 from cifarctl.archive import safe_extract
 
 TUTORIAL = r'''
@@ -107,9 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work
-    data_dir = work / "data"
-    subprocess.run([sys.executable, "-m", "cifarctl", "download", "--source", args.source, "--data-dir",
-                    str(data_dir), "--json"], check=True, capture_output=True)
+    data_dir = import_dataset(args.source, work)
     folder = Path(args.source)
     if not folder.is_dir():
         folder = work / "images"
