@@ -117,9 +117,10 @@ def test_resume_after_sigkill_in_epoch_two_is_bit_identical(resume_data, tmp_pat
     _assert_identical(load_file(str(run / "weights.safetensors")), full)
 
 
-def _signal_mid_run(data_dir: Path, run: Path, sig: int, delay: float) -> tuple[int, str]:
+def _signal_mid_run(data_dir: Path, run: Path, sig: int, delay: float, *extra: str) -> tuple[int, str]:
     """Start a run, send `sig` once it is training, and return (exit code, output)."""
-    proc = subprocess.Popen(_train_cmd(data_dir, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(_train_cmd(data_dir, run, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     _wait_for(run / "config.json", proc)
     time.sleep(delay)
     proc.send_signal(sig)
@@ -169,10 +170,24 @@ def test_fast_model_trains_with_augmentation_and_records_tta(tiny_data_dir: Path
 def test_resume_restores_augmentation_state_exactly(tiny_data_dir: Path, tmp_path: Path) -> None:
     """A fast run stopped after epoch 1 and resumed ends with the weights of an uninterrupted run."""
     common = ["--model", "fast", "--width", "8,16,16", "-b", "32", "--schedule", "constant", "--lr", "0.05",
-              "--data-dir", str(tiny_data_dir), "--seed", "3", "--cutout", "4", "--flip", "random"]
+              "--data-dir", str(tiny_data_dir), "--seed", "3", "--cutout", "4", "--flip", "random", "--no-lookahead"]
     assert _cli("train", *common, "--epochs", "2", "-o", str(tmp_path / "full")).exit_code == 0
     assert _cli("train", *common, "--epochs", "1", "-o", str(tmp_path / "part")).exit_code == 0
     result = _cli("train", "--resume", str(tmp_path / "part"), "--epochs", "2")
     assert result.exit_code == 0, result.output
     _assert_identical(load_file(str(tmp_path / "part" / "weights.safetensors")),
+                      load_file(str(tmp_path / "full" / "weights.safetensors")))
+
+
+@pytest.mark.slow
+def test_lookahead_run_interrupted_mid_epoch_resumes_bit_identical(resume_data, tmp_path: Path) -> None:
+    """A fast run with lookahead and the onecycle schedule, Ctrl-C'd mid-run and resumed, ends on the same weights."""
+    data_dir, _ = resume_data
+    extra = ("--model", "fast", "--width", "8,16,16", "-b", "8", "--lookahead", "--tta", "none")
+    subprocess.run(_train_cmd(data_dir, tmp_path / "full", *extra), check=True, capture_output=True)
+    run = tmp_path / "run"
+    code, output = _signal_mid_run(data_dir, run, signal.SIGINT, 0.5, *extra)
+    assert code == 130, output
+    subprocess.run([sys.executable, "-m", "cifarctl", "train", "--resume", str(run)], check=True, capture_output=True)
+    _assert_identical(load_file(str(run / "weights.safetensors")),
                       load_file(str(tmp_path / "full" / "weights.safetensors")))

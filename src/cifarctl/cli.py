@@ -187,6 +187,10 @@ def train(
     weight_decay: Annotated[
         Optional[float], typer.Option("--weight-decay", help=f"L2 weight decay  \\[default: {_T.weight_decay}].")
     ] = None,
+    bias_lr_scale: Annotated[
+        Optional[float], typer.Option("--bias-lr-scale", min=0.0, help="Learning-rate multiplier for biases and "
+                                      f"BatchNorm shifts  \\[default: {_T.bias_lr_scale}].")
+    ] = None,
     device: DeviceOpt = None,
     gpu: GpuOpt = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed  \\[default: a fresh one, recorded in the run].")] = None,
@@ -209,7 +213,11 @@ def train(
         Optional[int], typer.Option("--crop-pad", min=0, help="Random crops: translate up to N px (reflect pad).")
     ] = None,
     cutout: Annotated[Optional[int], typer.Option(min=0, help="Cutout square side in px (0: off).")] = None,
-    width: Annotated[Optional[str], typer.Option(help="Channel widths of --model fast, e.g. 32,64,128.")] = None,
+    lookahead: Annotated[
+        Optional[bool], typer.Option("--lookahead/--no-lookahead", help="Average the weights every 5 steps, more "
+                                     "strongly late in the run; the final weights are the average.")
+    ] = None,
+    width: Annotated[Optional[str], typer.Option(help="Channel widths of --model fast, e.g. 32,96,192.")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="fp32, or bf16 autocast.")] = None,
     channels_last: Annotated[
         Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC memory layout.")
@@ -248,9 +256,10 @@ def train(
     if gpu or device is not None:
         device = _device(device, gpu)
     overrides = dict(batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     bias_lr_scale=bias_lr_scale,
                      device=device, seed=seed, deterministic=deterministic, log_every=log_every,
                      nesterov=nesterov, label_smoothing=label_smoothing, warmup_epochs=warmup_epochs,
-                     crop_pad=crop_pad, cutout=cutout, width=width, channels_last=channels_last,
+                     crop_pad=crop_pad, cutout=cutout, lookahead=lookahead, width=width, channels_last=channels_last,
                      compile=compile_model, dist_timeout=dist_timeout, output_dir=output_dir, data_dir=data_dir)
     for key, choice in (("schedule", schedule), ("flip", flip), ("precision", precision), ("tta", tta),
                         ("normalization", normalization)):

@@ -94,6 +94,7 @@ class TrainConfig:
     lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 0.0
+    bias_lr_scale: float = 1.0  # learning-rate multiplier for biases and BatchNorm shifts
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int | None = None  # None: a random seed, recorded in the run
     deterministic: bool = False  # deterministic kernels (slower on GPU); CPU runs are repeatable anyway
@@ -105,7 +106,8 @@ class TrainConfig:
     flip: str = "none"  # none | random | alternate (airbench: each image flipped every other epoch)
     crop_pad: int = 0  # random crops: translate by up to this many pixels (reflect padding); 0 = off
     cutout: int = 0  # zero a random square of this side per image; 0 = off
-    width: str | None = None  # channel widths of the `fast` model, e.g. "32,64,128"
+    lookahead: bool = False  # average the weights every 5 steps, more strongly late in the run (airbench)
+    width: str | None = None  # channel widths of the `fast` model, e.g. "32,96,192"
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay float32)
     channels_last: bool = False  # NHWC memory layout, faster for convolutions on CPU and GPU
     compile: bool = False  # torch.compile the model (pays only for long runs)
@@ -136,10 +138,10 @@ class TrainConfig:
 # command line override these.
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
-    "fast": dict(batch_size=256, epochs=12, lr=0.35, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                 label_smoothing=0.2, schedule="onecycle", warmup_epochs=1.0, flip="alternate", crop_pad=2,
-                 width="32,64,128", precision="bf16", channels_last=True, tta="flip-translate",
-                 normalization="dataset", log_every=25),
+    "fast": dict(batch_size=256, epochs=10, lr=0.35, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                 bias_lr_scale=16.0, label_smoothing=0.2, schedule="onecycle", warmup_epochs=1.0, flip="alternate",
+                 crop_pad=2, lookahead=True, width="32,96,192", precision="bf16", channels_last=True,
+                 tta="flip-translate", normalization="dataset", log_every=25),
     "resnet18": dict(batch_size=128, epochs=30, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                      schedule="onecycle", warmup_epochs=1.0, flip="random", crop_pad=4, precision="bf16",
                      channels_last=True, tta="flip", normalization="dataset", log_every=100),

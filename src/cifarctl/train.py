@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarctl import __version__, checkpoint, fsutil
+from cifarctl.averaging import Lookahead
 from cifarctl.config import DownloadConfig, TrainConfig
 from cifarctl import distributed
 from cifarctl.data import ensure_dataset, normalise
@@ -106,8 +107,13 @@ class _Stepper:
         self.model = model
         self.forward = torch.compile(model) if cfg.compile else model
         self.names = {p: n for n, p in model.named_parameters()}
-        self.opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Biases and BatchNorm shifts (the 1-d parameters) may learn faster than the weights (airbench).
+        groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
+                  {"params": [p for p in params if p.ndim <= 1], "lr_scale": cfg.bias_lr_scale}]
+        self.opt = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.set_lr(cfg.lr)
         self.smoothing = cfg.label_smoothing
         self.autocast = torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu",
                                        dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -134,7 +140,7 @@ class _Stepper:
     def set_lr(self, lr: float) -> None:
         """Change the learning rate of every parameter group."""
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
 
 
 def _fused_tutorial_ok(cfg: TrainConfig, device: torch.device) -> bool:
@@ -326,7 +332,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
         tensors, meta = checkpoint.load(resume / CHECKPOINT)
         saved = TrainConfig.from_json(meta["config"])
         fixed = {k for k, v in overrides.items()
-                 if k in ("model", "batch_size", "seed", "width") and v != getattr(saved, k)}
+                 if k in ("model", "batch_size", "seed", "width", "lookahead") and v != getattr(saved, k)}
         if fixed:
             raise UsageError(f"--resume cannot change {', '.join(sorted(fixed))}; start a new run instead")
         for key, value in overrides.items():
@@ -389,6 +395,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
     global_batch = cfg.batch_size * world.size  # each rank takes batch_size images of every global batch
     steps_per_epoch = math.ceil(n / global_batch)
     total_steps = steps_per_epoch * cfg.epochs
+    lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
     start_epoch, start_step, elapsed = 0, 0, 0.0
     perm = None
     rows = _read_metrics(out.metrics) if state else []
@@ -398,6 +405,9 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
         stepper.load_momentum_buffers({k[len("momentum."):]: v for k, v in tensors.items()
                                        if k.startswith("momentum.")})
         checkpoint.set_rng_state(tensors, meta["rng"], generators)
+        if lookahead is not None:
+            lookahead.load_state_dict({k[len("lookahead."):]: v for k, v in tensors.items()
+                                       if k.startswith("lookahead.")})
         if flip_base is not None:
             flip_base.copy_(tensors["flip_base"])
         start_epoch, start_step, elapsed = meta["epoch"], meta["step"], meta["elapsed_s"]
@@ -423,6 +433,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"momentum.{k}": v for k, v in stepper.momentum_buffers().items()})
         tensors.update(rng_tensors)
+        if lookahead is not None:
+            tensors.update({f"lookahead.{k}": v for k, v in lookahead.state_dict().items()})
         if perm_now is not None:
             tensors["perm"] = perm_now
         if flip_base is not None:
@@ -457,6 +469,8 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
                     if world.enabled:
                         idx = distributed.shard(idx, world)
                     loss = stepper(next_batch(idx, epoch), train_y[idx])
+                    if lookahead is not None:
+                        lookahead.after_step(global_step + 1)
                     running += loss
                     since_log += 1
                     if device.type == "cpu" and not math.isfinite(loss.item()):
@@ -539,7 +553,7 @@ def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides:
 def stepper_lr(stepper, cfg: TrainConfig) -> float:
     """The learning rate in use now (the fused tutorial step has a fixed one)."""
     opt = getattr(stepper, "opt", None)
-    return opt.param_groups[0]["lr"] if opt is not None else cfg.lr
+    return opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_scale"] if opt is not None else cfg.lr
 
 
 def _point_latest(run_dir: Path) -> None:
