@@ -185,7 +185,7 @@ def model_config(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
         try:
             out["widths"] = [int(w) for w in cfg.width.split(",")]
         except ValueError as err:
-            raise UsageError(f"--width takes comma-separated integers like 32,64,128, not {cfg.width!r}") from err
+            raise UsageError(f"--width takes comma-separated integers like 32,96,192, not {cfg.width!r}") from err
     return out
 
 
