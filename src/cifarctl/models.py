@@ -131,7 +131,9 @@ class FastNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, 32, 32) -> (N, num_classes)."""
         x = self.body(self.stem(x))  # (N, C, 3, 3) with the whitening stem, (N, C, 4, 4) without
-        x = torch.amax(x, dim=(2, 3))
+        # Not torch.amax: under torch.compile on the CPU its bf16 backward (which splits the gradient
+        # among tied maxima) came out NaN in torch 2.14; max-pooling routes it to one maximum.
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)  # (N, C)
         return self.head(x) * self.head_scale
 
 
