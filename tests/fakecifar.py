@@ -1,8 +1,10 @@
 """Test helpers: tiny CIFAR-10 archives in the exact official format, image-folder trees and
-tars, hostile archives, and a local HTTP server that can cut a connection or ignore Range."""
+tars, hostile and oversized archives, hand-made PNG chunks, a local HTTP server that can cut a
+connection or ignore Range, and raw servers that trickle, stall or send too much."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import io
@@ -13,6 +15,7 @@ import struct
 import tarfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,3 +321,194 @@ class FileServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- oversized and hostile archives -----------------------------------------------------------
+
+class Zeros(io.RawIOBase):
+    """`size` zero bytes as a stream, so a bomb's member never sits in memory while it is built."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self.left)
+        buf[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def zeros_tar(path: Path, sizes: dict[str, int]) -> Path:
+    """A .tar.gz whose members (name: size) are all zeros: tiny on disk, `sum(sizes)` bytes unpacked."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, size in sizes.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = size, 0o644, 1_300_000_000
+            tar.addfile(info, io.BufferedReader(Zeros(size)))
+    return path
+
+
+def lying_size_tar(path: Path, name: str, declared: int, data: bytes = b"tiny") -> Path:
+    """A .tar.gz with one member whose header declares `declared` bytes but that stores only `data`."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = declared, 0o644, 1_300_000_000
+    header = info.tobuf(format=tarfile.GNU_FORMAT)  # GNU base-256 sizes go beyond 8 GiB
+    with gzip.open(path, "wb") as f:
+        f.write(header + data.ljust(512, b"\0") + bytes(1024))
+    return path
+
+
+def sparse_tar(path: Path, name: str = "mydata/train/a/sparse.png", realsize: int = 4096) -> Path:
+    """A .tar.gz with one old-style GNU sparse member ('S'): one 512-byte data block at offset 0 of
+    a `realsize`-byte file."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode, info.mtime = tarfile.GNUTYPE_SPARSE, 512, 0o644, 1_300_000_000
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[386:410] = b"%011o\0%011o\0" % (0, 512)  # one sparse entry: offset 0, 512 bytes
+    header[483:495] = b"%011o\0" % realsize
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[148:156] = b"%06o\0 " % sum(header)
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(header) + b"\x89PNG".ljust(512, b"\0") + bytes(1024))
+    return path
+
+
+def pax_header_tar(path: Path, header_bytes: int) -> Path:
+    """A .tar.gz whose one member carries a pax comment of `header_bytes` bytes (compressed to almost nothing)."""
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("mydata/a.txt")
+        info.pax_headers = {"comment": "x" * header_bytes}
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"a"))
+    return path
+
+
+# --- hand-made PNG chunks ---------------------------------------------------------------------
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body and CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_with_chunks(before_idat: bytes = b"", after_idat: bytes = b"", size: int = 8) -> bytes:
+    """A valid size x size grey RGB PNG with extra raw chunks before and after its pixel data."""
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\0" + b"\x80" * (3 * size) for _ in range(size))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + before_idat + png_chunk(b"IDAT", zlib.compress(rows))
+            + after_idat + png_chunk(b"IEND", b""))
+
+
+def ztxt_bomb(kind: bytes = b"zTXt", unpacked: int = 4 << 20) -> bytes:
+    """A compressed text chunk (zTXt or iTXt) of a few KiB that inflates to `unpacked` bytes."""
+    text = zlib.compress(bytes(unpacked), 9)
+    body = b"Comment\0\0" + text if kind == b"zTXt" else b"Comment\0\1\0\0\0" + text
+    return png_chunk(kind, body)
+
+
+# --- misbehaving HTTP servers -----------------------------------------------------------------
+
+class RawServer:
+    """A loopback HTTP server whose answers are written by hand: `respond(conn, stop)` gets each
+    connection after its request headers were read, and must return once `stop` is set.
+
+    Counts connections in `requests`; every thread is joined (with a deadline) on exit."""
+
+    def __init__(self, respond: Any) -> None:
+        self.respond = respond
+        self.requests = 0
+        self.stop_event = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}/file.tar.gz"
+
+    def _serve(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.requests += 1
+            t = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                self.respond(conn, self.stop_event)
+            except OSError:
+                pass  # the client hung up: that is what most tests want it to do
+
+    def __enter__(self) -> RawServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+        for t in self.threads:
+            t.join(5)
+        self.sock.close()
+
+
+def endless_body(conn: socket.socket, stop: threading.Event) -> None:
+    """200 without Content-Length, then zeros until the client hangs up."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+    while not stop.is_set():
+        conn.sendall(bytes(65536))
+
+
+def announces(length: int, sends: int) -> Any:
+    """A responder that announces Content-Length `length` and then sends `sends` bytes (more or fewer)."""
+    def respond(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % length)
+        left = sends
+        while left > 0 and not stop.is_set():
+            n = min(left, 65536)
+            conn.sendall(b"y" * n)
+            left -= n
+    return respond
+
+
+def chunked_beyond(length: int) -> Any:
+    """A responder that announces Content-Length `length` but sends an endless chunked body."""
+    def respond(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % length)
+        while not stop.is_set():
+            conn.sendall(b"10000\r\n" + b"z" * 0x10000 + b"\r\n")
+    return respond
+
+
+def trickle(interval_s: float, headers: bool = False) -> Any:
+    """A responder that sends one byte every `interval_s` seconds, of the body (announced as 1 MB)
+    or, with `headers`, of an endless header line."""
+    def respond(conn: socket.socket, stop: threading.Event) -> None:
+        if headers:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+        while not stop.wait(interval_s):
+            conn.sendall(b"a")
+    return respond
+
+
+def silent(conn: socket.socket, stop: threading.Event) -> None:
+    """Headers announcing a body, then nothing at all until the client gives up."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    stop.wait(10)

@@ -52,8 +52,8 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(map(str, args)))
 
 
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, *needles: str, code: int = 1) -> str:
+    assert result.exit_code == code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
@@ -266,9 +266,9 @@ def test_http_error_is_one_line(official, tmp_path):
 
 
 def test_missing_local_source_is_one_line(tmp_path):
-    """A --source path that does not exist is a one-line error, exit 1."""
+    """A --source path that does not exist is a one-line error, exit 2 (bad input)."""
     result = cli("download", "--data-dir", tmp_path / "d", "--source", tmp_path / "nope.tar.gz")
-    assert_one_line_error(result, "does not exist")
+    assert_one_line_error(result, "does not exist", code=2)
 
 
 # --- image-folder sources -------------------------------------------------------------------

@@ -1,10 +1,35 @@
-"""Batched, seeded data augmentation as tensor ops on the training device (no per-sample Python)
-and test-time augmentation views."""
+"""The tensor-side transforms, all batched on the model's device (no per-sample Python): pixel
+normalisation, seeded training augmentation and test-time augmentation views."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+# mean, std per channel for --normalization. The tutorial's Normalize((0.5,)*3, (0.5,)*3) scales
+# inputs to [-1, 1]; "dataset" uses the per-channel statistics of the CIFAR-10 training images.
+NORMALIZATION = {
+    "tutorial": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "dataset": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
+
+
+def normalise(images: Any, mean: list[float], std: list[float], device: Any, chunk: int = 10_000) -> torch.Tensor:
+    """uint8 (N, 32, 32, 3) HWC -> float32 (N, 3, 32, 32) on `device`, as (x/255 - mean) / std.
+
+    Done in chunks, so that the float temporaries stay small when a whole split is normalised.
+    """
+    images = torch.as_tensor(images)
+    n, h, w, _ = images.shape if images.ndim == 4 else (0, 32, 32, 3)
+    out = torch.empty((n, 3, h, w), dtype=torch.float32, device=device)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    for start in range(0, n, chunk):
+        part = images[start:start + chunk].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        out[start:start + chunk] = (part / 255 - m) / s
+    return out
 
 
 def pad_reflect(images: torch.Tensor, pad: int) -> torch.Tensor:
@@ -74,3 +99,31 @@ def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     elif mode != "flip":
         raise ValueError(f"unknown TTA mode {mode!r}")
     return views
+
+
+class TrainBatches:
+    """Augmented training batches for (idx, epoch), built once per run: crops come from a copy of
+    the training set padded once up front; flips and cutout are drawn on the device from
+    `generator`. `flip_base` (alternate flips) is part of the run's resumable state."""
+
+    def __init__(self, images: torch.Tensor, generator: torch.Generator, *, crop_pad: int = 0, flip: str = "none",
+                 cutout: int = 0, channels_last: bool = False) -> None:
+        self.source = pad_reflect(images, crop_pad) if crop_pad else images
+        self.size = images.shape[-1]
+        self.generator = generator
+        self.crop_pad, self.flip, self.cutout = crop_pad, flip, cutout
+        self.flip_base = random_flip_mask(len(images), generator, images.device) if flip == "alternate" else None
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The augmented batch (len(idx), 3, H, W) of training images `idx` in `epoch` (0-based)."""
+        x = self.source[idx]
+        if self.crop_pad:
+            x = random_crop(x, self.size, self.generator)
+        if self.flip == "random":
+            x = flip_where(x, random_flip_mask(len(idx), self.generator, x.device))
+        elif self.flip_base is not None:
+            x = flip_where(x, alternating_flip_mask(self.flip_base, idx, epoch))
+        if self.cutout:
+            x = cutout(x, self.cutout, self.generator)
+        return x.contiguous(memory_format=self.layout)

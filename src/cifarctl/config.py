@@ -5,6 +5,7 @@ This module imports nothing heavy, so the CLI can build its help from it without
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -25,18 +26,16 @@ class DownloadConfig:
     """Where CIFAR-10 comes from and where its tensor cache lives."""
 
     data_dir: Path = field(default_factory=lambda: _env_path("CIFARCTL_DATA_DIR", "data"))
-    source: str = field(default_factory=lambda: os.environ.get("CIFARCTL_SOURCE") or CIFAR10_URL)
+    # None: the official archive. Given (option or env CIFARCTL_SOURCE), a cache built from another
+    # source is rebuilt from this one.
+    source: str | None = field(default_factory=lambda: os.environ.get("CIFARCTL_SOURCE") or None)
     md5: str | None = None  # expected md5 of an archive that is not byte-identical to the official one
     force: bool = False  # rebuild the cache even when a valid one exists
 
-
-class Device(str, Enum):
-    """Hardware to run on; `auto` picks CUDA, then MPS, then the CPU."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+    @property
+    def url_or_path(self) -> str:
+        """The source to read: the one given, else the official archive's URL."""
+        return self.source or CIFAR10_URL
 
 
 class ModelName(str, Enum):
@@ -115,7 +114,31 @@ class TrainConfig:
     normalization: str = "tutorial"  # tutorial: mean = std = 0.5, inputs in [-1, 1]; dataset: CIFAR-10 statistics
     dist_timeout: float = 60.0  # seconds a process waits for the others (torchrun) before failing
     output_dir: Path | None = None  # None: runs/<model>-<timestamp>
+    overwrite: bool = False  # allow -o to name a folder that already holds a run
     data_dir: Path = field(default_factory=lambda: _env_path("CIFARCTL_DATA_DIR", "data"))
+
+    def validate(self) -> None:
+        """Check every choice and range once, up front; raises UsageError naming the option."""
+        from cifarctl.errors import UsageError
+
+        for name, enum in (("model", ModelName), ("schedule", Schedule), ("flip", Flip), ("precision", Precision),
+                           ("tta", TTA), ("normalization", Normalization)):
+            allowed = [e.value for e in enum]
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not low <= value <= high:
+                raise UsageError(f"--{name.replace('_', '-')} must be a number from {low:g} to {high:g}, not {value!r}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, not {self.lr!r}")
+        if self.warmup_epochs > self.epochs:
+            raise UsageError(f"--warmup-epochs ({self.warmup_epochs:g}) cannot exceed --epochs ({self.epochs})")
+        if self.width is not None:
+            parse_widths(self.width, self.model)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of every field."""
@@ -132,6 +155,41 @@ class TrainConfig:
         cfg.output_dir = None if cfg.output_dir is None else Path(cfg.output_dir)
         cfg.data_dir = Path(cfg.data_dir)
         return cfg
+
+
+# The ranges every numeric option must fall in. Values outside them cannot work (a learning rate of
+# 1e308 overflows in the first step) or would take absurd resources (a batch of a billion images).
+_RANGES: dict[str, tuple[float, float]] = {
+    "batch_size": (1, 1 << 20),
+    "epochs": (1, 100_000),
+    "lr": (0, 1e4),
+    "momentum": (0, 0.9999),
+    "weight_decay": (0, 1),
+    "bias_lr_scale": (0, 1e4),
+    "seed": (0, 2**63 - 1),
+    "log_every": (1, 1 << 40),
+    "label_smoothing": (0, 1),
+    "warmup_epochs": (0, 100_000),
+    "crop_pad": (0, 16),
+    "cutout": (0, 32),
+    "dist_timeout": (1, 7 * 24 * 3600),
+}
+MAX_WIDTH = 4096  # channels per layer of --width: wider would not fit any machine this runs on
+
+
+def parse_widths(text: str, model: str = "fast") -> list[int]:
+    """"32,96,192" -> [32, 96, 192] for --model fast; raises UsageError for anything else."""
+    from cifarctl.errors import UsageError
+
+    if model != "fast":
+        raise UsageError("--width applies to --model fast only")
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError as err:
+        raise UsageError(f"--width takes comma-separated integers like 32,96,192, not {text!r}") from err
+    if not 1 <= len(widths) <= 8 or not all(1 <= w <= MAX_WIDTH for w in widths):
+        raise UsageError(f"--width takes 1 to 8 widths from 1 to {MAX_WIDTH}, not {text!r}")
+    return widths
 
 
 # Per-model recipes: the fields that differ from TrainConfig's defaults. Options given on the

@@ -95,6 +95,20 @@ def collective_error(err: BaseException) -> CifarctlError:
                          "the run stops; resume it with --resume once all processes can run")
 
 
+def relaunch_argv(argv: list[str], seed: int | None = None) -> list[str]:
+    """This process's arguments for the torchrun workers: without --nproc and its value, plus
+    `--seed seed` when given (every rank must shuffle with the same seed)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out + (["--seed", str(seed)] if seed is not None else [])
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `cifarctl <argv>` in `nproc` processes through torch.distributed.run; returns its exit code."""
     if nproc < 1:

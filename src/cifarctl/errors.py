@@ -18,3 +18,9 @@ class UsageError(CifarctlError):
     """A bad option or input file (exit 2, like a command-line usage error)."""
 
     exit_code = 2
+
+
+class Interrupted(CifarctlError):
+    """The user stopped the command (Ctrl-C, SIGTERM): reported as an interruption, not an error."""
+
+    exit_code = 130

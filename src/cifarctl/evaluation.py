@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarctl import fsutil
+from cifarctl import fsutil, rundir
 from cifarctl.config import DownloadConfig, EvaluateConfig
 from cifarctl.errors import UsageError
 from cifarctl.progress import Reporter
@@ -26,20 +26,25 @@ def check_classes(weights_path: Path, model_classes: list[str], data_classes: li
 def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     """Score `cfg.weights` on a split; returns the JSON-able summary documented in docs/evaluate.md."""
     from cifarctl.data import ensure_dataset
+    from cifarctl.device import resolve_device
     from cifarctl.metrics import evaluate_weights
-    from cifarctl.train import resolve_device
+    from cifarctl.plots import plot_confusion
     from cifarctl.weights import load_weights
 
     device = resolve_device(cfg.device)
-    weights = load_weights(cfg.weights, str(device))  # checked before any download or output
+    weights_path = rundir.weights_file(cfg.weights)
+    weights = load_weights(weights_path, str(device))  # checked before any download or output
+    png = (Path(cfg.output_dir) if cfg.output_dir is not None else weights_path.parent) / CONFUSION_PNG
+    if cfg.confusion:
+        fsutil.output_target(png)  # a folder or FIFO in the way is refused before the work
     ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
-    check_classes(cfg.weights, weights.class_names, ds.class_names)
+    check_classes(weights_path, weights.class_names, ds.class_names)
     split = ds.split(cfg.split)
     start = time.perf_counter()
     ev = evaluate_weights(weights, split.images, split.labels, cfg.batch_size)
     elapsed = time.perf_counter() - start
     summary: dict[str, Any] = {
-        "weights": str(cfg.weights),
+        "weights": str(weights_path),
         "model": weights.meta["model"],
         "split": cfg.split,
         "images": ev.total,
@@ -57,41 +62,7 @@ def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
         "files": {},
     }
     if cfg.confusion:
-        out_dir = Path(cfg.output_dir) if cfg.output_dir is not None else Path(cfg.weights).parent
-        png = out_dir / CONFUSION_PNG
         plot_confusion(summary["confusion"], summary["class_names"], png,
                        f"{summary['model']} on {cfg.split}: {100 * ev.accuracy:.2f}% of {ev.total:,} images")
         summary["files"]["confusion_png"] = str(png)
     return summary
-
-
-def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
-    """Draw the matrix (rows: true class, columns: predicted) with every count written in its cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    counts = np.asarray(confusion)
-    n = len(class_names)
-    # Colour by the share of each true class, so that classes of different sizes compare.
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.5 + 0.7 * n))
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    for t in range(n):
-        for p in range(n):
-            ax.text(p, t, f"{counts[t, p]:,}", ha="center", va="center", fontsize=8,
-                    color="white" if share[t, p] > 0.5 else "black")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), class_names)
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    fig.tight_layout()
-    try:
-        with fsutil.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror or err}; choose another --output-dir") from err
-    finally:
-        plt.close(fig)

@@ -24,7 +24,7 @@ from torch import nn
 
 _K = 5
 _A = _K // 2 + 1
-_SHAPES = [(6, 3, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,), (10, 84), (10,)]
+_BODY_SHAPES = [(6, 3, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 400), (120,), (84, 120), (84,)]
 _CONV_PARAMS = 456 + 2416  # conv1.weight, conv1.bias, conv2.weight, conv2.bias lead the flat buffer
 _relu_bwd = torch.ops.aten.threshold_backward.grad_input
 _nll_bwd = torch.ops.aten.nll_loss_backward.default
@@ -82,8 +82,8 @@ def _col2im_matrix() -> torch.Tensor:
 class _Workspace:
     """Preallocated buffers and strided views for one batch size."""
 
-    def __init__(self, n: int):
-        """Allocate everything one step at batch size n needs."""
+    def __init__(self, n: int, classes: int):
+        """Allocate everything one step at batch size n with `classes` outputs needs."""
         m1 = n * 14 * 16
         m2 = 5 * 5 * n
         # polyphase planes (c, ry, rx, n, 16, 16); the zero tail absorbs the wide im2col over-read
@@ -138,7 +138,7 @@ class _Workspace:
         self.h0 = torch.empty(n, 400)
         self.h1 = torch.empty(n, 120)
         self.h2 = torch.empty(n, 84)
-        self.z = torch.empty(n, 10)
+        self.z = torch.empty(n, classes)
         self.gh2 = torch.empty(n, 84)
         self.gh1 = torch.empty(n, 120)
         self.gh0 = torch.empty(n, 400)
@@ -159,7 +159,10 @@ class TutorialSGDStep:
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         named = list(model.named_parameters())
-        if [tuple(p.shape) for _, p in named] != _SHAPES:
+        shapes = [tuple(p.shape) for _, p in named]
+        # fc3 is (classes, 84) and its bias (classes,): the only layer that depends on the dataset
+        self.classes = shapes[-1][0] if len(shapes) == 10 and len(shapes[-1]) == 1 else 0
+        if self.classes < 1 or shapes != _BODY_SHAPES + [(self.classes, 84), (self.classes,)]:
             raise ValueError("model does not have the tutorial LeNet parameter layout")
         self.names = [name for name, _ in named]
         sizes = [p.numel() for _, p in named]
@@ -174,8 +177,8 @@ class TutorialSGDStep:
             p.data = self.flat[off:off + size].view_as(p)
             offsets.append(off)
             off += size
-        self.w = [self.flat[o:o + k].view(s) for o, k, s in zip(offsets, sizes, _SHAPES)]
-        self.m = [self.buf[o:o + k].view(s) for o, k, s in zip(offsets, sizes, _SHAPES)]
+        self.w = [self.flat[o:o + k].view(s) for o, k, s in zip(offsets, sizes, shapes)]
+        self.m = [self.buf[o:o + k].view(s) for o, k, s in zip(offsets, sizes, shapes)]
         self.w_t = [w.t() if w.dim() == 2 else None for w in self.w]
 
         sk1_idx = _superkernel_index(6, 3, offsets[0], offsets[1], total, taps_first=False)  # (24, 109)
@@ -216,7 +219,7 @@ class TutorialSGDStep:
         n = x.shape[0]
         ws = self._ws.get(n)
         if ws is None:
-            ws = self._ws[n] = _Workspace(n)
+            ws = self._ws[n] = _Workspace(n, self.classes)
         w, wt, mb, mom = self.w, self.w_t, self.m, self.momentum
         sN, sC, sH, sW = x.stride()
 

@@ -57,13 +57,16 @@ def show_batch(cfg: ShowBatchConfig, reporter: Reporter) -> Batch:
 
     from cifarctl.data import ensure_dataset
     from cifarctl.metrics import predict_logits
+    from cifarctl.rundir import weights_file
     from cifarctl.weights import load_weights
 
     if not 1 <= cfg.n <= MAX_N:
         raise UsageError(f"-n must be between 1 and {MAX_N}")
     if cfg.scale < 1:
         raise UsageError("--scale must be at least 1")
-    weights = load_weights(cfg.weights) if cfg.weights is not None else None  # bad files fail before any work
+    fsutil.output_target(cfg.out)  # a folder or FIFO in the way is refused before any work
+    weights_path = weights_file(cfg.weights) if cfg.weights is not None else None
+    weights = load_weights(weights_path) if weights_path is not None else None  # bad files fail before any work
     ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
     split = ds.split(cfg.split)
     if cfg.n > len(split):
@@ -76,11 +79,8 @@ def show_batch(cfg: ShowBatchConfig, reporter: Reporter) -> Batch:
     if weights is not None:
         predicted = [weights.class_names[i] for i in predict_logits(weights, images).argmax(1).tolist()]
     grid = render_grid(images, labels, predicted, cfg.scale)
-    try:
-        with fsutil.atomic_path(cfg.out) as tmp:
-            grid.save(tmp, format="PNG")
-    except OSError as err:
-        raise UsageError(f"cannot write {cfg.out}: {err.strerror or err}; choose another --out") from err
+    with fsutil.atomic_path(cfg.out) as tmp:
+        grid.save(tmp, format="PNG")
     summary = {
         "out": str(cfg.out),
         "size": list(grid.size),
@@ -90,7 +90,7 @@ def show_batch(cfg: ShowBatchConfig, reporter: Reporter) -> Batch:
         "labels": labels,
         "predicted": predicted,
         "correct": None if predicted is None else sum(p == t for p, t in zip(predicted, labels)),
-        "weights": None if cfg.weights is None else str(cfg.weights),
+        "weights": None if weights_path is None else str(weights_path),
     }
     return Batch(images, labels, predicted, summary)
 

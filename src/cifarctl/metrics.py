@@ -95,7 +95,7 @@ def predict_logits(weights: Weights, images: Any, batch_size: int = 1000) -> tor
     model's device. Every command that runs a model on images comes through here, so test-time
     augmentation belongs here and nowhere else.
     """
-    from cifarctl.data import normalise
+    from cifarctl.augment import normalise
 
     # Channels-last conv weights: the same mathematics, and on 2 CPU cores the tutorial net scores
     # the 10,000 test images in about half the time (oneDNN skips a layout conversion per conv).

@@ -3,6 +3,7 @@ weights file alone is enough to rebuild it."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -13,13 +14,59 @@ from torch import nn
 from cifarctl.errors import UsageError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+Check = Callable[[Any], str | None]  # what is wrong with a config value, or None when it is fine
+_CHECKS: dict[str, dict[str, Check]] = {}
+
+# Bounds on what a config (from a weights file or a checkpoint) may ask for. They cap what
+# building a model can allocate: 8 groups of 4096 channels is already 2.3 G parameters.
+MAX_CLASSES = 100_000
+MAX_WIDTH = 4096
+MAX_GROUPS = 8
 
 
-def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Add a model constructor to the registry under `name`."""
+def _short(value: Any) -> str:
+    """repr clipped to one short line: hostile values can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def int_in(lo: int, hi: int) -> Check:
+    """A check for an integer (not a bool) in [lo, hi]."""
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            return f"must be an integer in [{lo}, {hi}], not {_short(value)}"
+        return None
+    return check
+
+
+def _boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, not {_short(value)}"
+
+
+def _positive_number(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1e6
+    return None if ok else f"must be a number in (0, 1e6], not {_short(value)}"
+
+
+def _widths(value: Any) -> str | None:
+    ok = (isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_GROUPS
+          and all(int_in(1, MAX_WIDTH)(w) is None for w in value))
+    return None if ok else f"must be a list of 1 to {MAX_GROUPS} integers in [1, {MAX_WIDTH}], not {_short(value)}"
+
+
+_NUM_CLASSES = int_in(2, MAX_CLASSES)
+
+
+def register(name: str, checks: dict[str, Check] | None = None
+             ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Add a model constructor to the registry under `name`, with a check per config key.
+
+    Keys without a check are refused by `validate_config`, except `num_classes`, which every model takes.
+    """
 
     def wrap(ctor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = ctor
+        _CHECKS[name] = {"num_classes": _NUM_CLASSES, **(checks or {})}
         return ctor
 
     return wrap
@@ -30,12 +77,39 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
-    """Build model `name` from its config (keyword arguments of its constructor)."""
+def validate_config(name: str, config: Any) -> None:
+    """Refuse, with a UsageError naming the key, a config that is not an object of known keys whose
+    values have the right types and lie within bounds. Runs before any constructor does."""
     if name not in _REGISTRY:
-        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+        raise UsageError(f"unknown model {_short(name)}; choose one of: {', '.join(model_names())}")
+    if not isinstance(config, dict):
+        raise UsageError(f"the config of model {name!r} must be an object, not {_short(config)}")
+    checks = _CHECKS[name]
+    for key, value in config.items():
+        if key not in checks:
+            raise UsageError(f"model {name!r} takes no config key {_short(key)}; it takes {', '.join(sorted(checks))}")
+        problem = checks[key](value)
+        if problem:
+            raise UsageError(f"model {name!r} config {key!r} {problem}")
+    rule = getattr(_REGISTRY[name], "config_problem", None)
+    problem = rule(config) if rule else None
+    if problem:
+        raise UsageError(f"model {name!r} config: {problem}")
+
+
+def config_num_classes(name: str, config: dict[str, Any]) -> int:
+    """The number of outputs model `name` has with `config` (its constructor's default when unset)."""
+    if "num_classes" in config:
+        return config["num_classes"]
+    return inspect.signature(_REGISTRY[name]).parameters["num_classes"].default
+
+
+def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """Build model `name` from its config (keyword arguments of its constructor), checked first."""
+    config = config or {}
+    validate_config(name, config)
     try:
-        return _REGISTRY[name](**(config or {}))
+        return _REGISTRY[name](**config)
     except TypeError as err:
         raise UsageError(f"bad config for model {name!r}: {err}") from err
 
@@ -67,7 +141,8 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)]
 
 
-@register("fast")
+@register("fast", {"widths": _widths, "stem": int_in(2, MAX_WIDTH), "head_scale": _positive_number,
+                   "whiten": _boolean, "learn_bn_scale": _boolean})
 class FastNet(nn.Module):
     """A small BatchNorm conv net built for speed: a stem conv, then three groups of
     (conv, max-pool, BN, GELU, conv, BN, GELU) with configurable widths, global max-pool, a linear head.
@@ -110,6 +185,14 @@ class FastNet(nn.Module):
         self.head = nn.Linear(c_in, num_classes, bias=False)
         # A small logit scale keeps early softmax outputs soft, which lets a high learning rate train stably.
         self.head_scale = head_scale
+
+    @staticmethod
+    def config_problem(config: dict[str, Any]) -> str | None:
+        """The one rule across keys: 2x2 patches have 12 dimensions, each filter is used with both signs."""
+        stem = config.get("stem", 24)
+        if config.get("whiten", True) and (stem % 2 or stem > 24):
+            return f"a whitening stem has an even width of at most 24, not {stem}"
+        return None
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:

@@ -16,12 +16,14 @@ def predict_files(cfg: PredictConfig, reporter: Reporter) -> dict[str, Any]:
     docs/predict.md, whose "errors" list every path that produced no prediction."""
     import torch
 
+    from cifarctl.device import resolve_device
     from cifarctl.images import collect_images, load_images
     from cifarctl.metrics import predict_logits
-    from cifarctl.train import resolve_device
+    from cifarctl.rundir import weights_file
     from cifarctl.weights import load_weights
 
-    weights = load_weights(cfg.weights, str(resolve_device(cfg.device)))
+    weights_path = weights_file(cfg.weights)
+    weights = load_weights(weights_path, str(resolve_device(cfg.device)))
     class_names = list(weights.class_names)
     k = max(1, min(cfg.top_k, len(class_names)))
     files, problems = collect_images(cfg.paths)
@@ -42,7 +44,7 @@ def predict_files(cfg: PredictConfig, reporter: Reporter) -> dict[str, Any]:
                                 "probabilities": [round(p, 6) for p in probs[row].tolist()]})
             task.advance(len(chunk))
     return {
-        "weights": str(cfg.weights),
+        "weights": str(weights_path),
         "model": weights.meta["model"],
         "class_names": class_names,
         "top_k": k,

@@ -138,7 +138,9 @@ class RichReporter(Reporter):
         self.console = console
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        from rich.text import Text
+
+        self.console.print(Text(message), highlight=False, soft_wrap=True)
 
     def task(self, description: str, total: float | None, unit: str = "items") -> Task:
         return _RichTask(self.console, description, total, unit)
@@ -150,11 +152,12 @@ class _RichTask(Task):
 
         super().__init__(total)
         if unit == "bytes":
-            columns = [rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
+            columns = [rp.TextColumn("{task.description}", markup=False), rp.BarColumn(), rp.DownloadColumn(),
                        rp.TransferSpeedColumn(), rp.TimeRemainingColumn()]
         else:
-            columns = [rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                       rp.TextColumn("{task.fields[info]}"), rp.TimeRemainingColumn(elapsed_when_finished=True)]
+            columns = [rp.TextColumn("{task.description}", markup=False), rp.BarColumn(), rp.MofNCompleteColumn(),
+                       rp.TextColumn("{task.fields[info]}", markup=False),
+                       rp.TimeRemainingColumn(elapsed_when_finished=True)]
         self._progress = rp.Progress(*columns, console=console, transient=False)
         self._progress.start()
         self._id = self._progress.add_task(description, total=total, info="")

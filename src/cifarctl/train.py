@@ -1,10 +1,12 @@
 """The training loop: tensor-cache data on the training device, a shuffled index per epoch,
-no DataLoader, no PIL, and checkpoints that make any run resumable bit for bit."""
+no DataLoader, no PIL, and checkpoints that make any run resumable bit for bit.
+
+`train` reads top to bottom as its phases: resolve the config, set up data and model, restore a
+checkpoint, then run and end each epoch.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -13,40 +15,33 @@ import secrets
 import signal
 import time
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cifarctl import __version__, checkpoint, fsutil
+from cifarctl import __version__, checkpoint, distributed, fsutil, rundir
+from cifarctl.augment import NORMALIZATION, TrainBatches, normalise
 from cifarctl.averaging import Lookahead
-from cifarctl.config import DownloadConfig, TrainConfig
-from cifarctl import distributed
-from cifarctl.data import ensure_dataset, normalise
+from cifarctl.config import DownloadConfig, TrainConfig, parse_widths
+from cifarctl.data import Dataset, ensure_dataset
+from cifarctl.device import configure, preserved_torch_state, resolve_device
 from cifarctl.distributed import World
-from cifarctl.errors import CifarctlError, UsageError
+from cifarctl.errors import CifarctlError, Interrupted, UsageError
 from cifarctl.metrics import evaluate
 from cifarctl.models import build_model
 from cifarctl.progress import Reporter
+from cifarctl.rundir import RunDir
+from cifarctl.steppers import Stepper, make_stepper
 from cifarctl.weights import save_weights
 
-# The tutorial's Normalize((0.5,)*3, (0.5,)*3): inputs scaled to [-1, 1].
-TUTORIAL_MEAN = [0.5, 0.5, 0.5]
-TUTORIAL_STD = [0.5, 0.5, 0.5]
-
-WEIGHTS = "weights.safetensors"
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.csv"
-CONFIG = "config.json"
-CURVES = "curves.png"
-METRIC_FIELDS = ["kind", "epoch", "step", "images", "lr", "train_loss", "test_loss", "test_acc", "test_acc_plain",
-                 "elapsed_s", "train_s", "images_per_s"]
+# Options a resumed run cannot change: they fix the model, the data order or the averaging.
+FIXED_ON_RESUME = ("model", "batch_size", "seed", "width", "lookahead")
 
 
-class TrainingInterrupted(CifarctlError):
+class TrainingInterrupted(Interrupted):
     """Ctrl-C or SIGTERM: the checkpoint is written and the message says how to resume."""
 
 
@@ -54,116 +49,363 @@ class NonFiniteLoss(CifarctlError):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn auto|cpu|cuda|cuda:N|mps into a usable device, or raise a usage error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("CUDA was requested (--gpu or --device cuda) but no CUDA GPU is available; "
-                             "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("MPS was requested but is not available; use --device cpu")
+@dataclass
+class Run:
+    """Everything one training run holds while it runs."""
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    out: RunDir
+    ds: Dataset
+    mean: list[float]
+    std: list[float]
+    train_y: torch.Tensor  # (N,) int64 on the device
+    test_x: torch.Tensor  # (M, 3, 32, 32) normalised, on the device
+    test_y: torch.Tensor
+    model: torch.nn.Module
+    model_config: dict[str, Any]
+    stepper: Stepper
+    batches: TrainBatches
+    generators: dict[str, torch.Generator]
+    lookahead: Lookahead | None
+    steps_per_epoch: int
+    global_batch: int
+    epoch: int = 0  # 0-based epoch to run next
+    step: int = 0  # steps of that epoch already done
+    elapsed: float = 0.0  # seconds trained by earlier processes of this run
+    perm: torch.Tensor | None = None  # the current epoch's shuffle order
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: float = float("nan")
+    accuracy_plain: float = float("nan")
+    train_time: float = 0.0
+    trained_images: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run so far, earlier processes included."""
+        return self.elapsed + time.perf_counter() - self.t_start
+
+
+def train(cfg: TrainConfig, reporter: Reporter, resume: Path | None = None,
+          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume) a run; returns a JSON-able summary. Raises CifarctlError subclasses.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 alone reports and writes
+    files. Torch's process-wide settings are as they were when it returns.
+    """
+    world = distributed.world_from_env()
+    with preserved_torch_state():
+        if not world.enabled:
+            return _train(cfg, reporter, resume, overrides, world)
+        try:
+            return _train(cfg, reporter if world.is_main else Reporter(), resume, overrides, world)
+        except (RuntimeError, torch.distributed.DistBackendError) as err:
+            raise distributed.collective_error(err) from err
+        finally:
+            distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides: dict[str, Any] | None,
+           world: World) -> dict[str, Any]:
+    cfg, resume_dir = resolve_config(cfg, resume, overrides)
+    device = _join(cfg, world)
+    out = _output_dir(cfg, resume_dir, world)
+    if not world.is_main:
+        return _train_in(cfg, out, resume_dir is not None, reporter, world, device)
+    with rundir.locked(out):
+        rundir.clean_stale(out)
+        rundir.check_outputs(out)
+        if resume_dir is None:
+            rundir.refuse_existing(out, cfg.overwrite)
+        return _train_in(cfg, out, resume_dir is not None, reporter, world, device)
+
+
+def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter, world: World,
+              device: torch.device) -> dict[str, Any]:
+    state = checkpoint.load(out.checkpoint) if resuming else None
+    run = setup(cfg, out, device, world, reporter, fresh=state is None)
+    if state is not None:
+        restore(run, *state)
+        reporter.log(f"resuming {out.root} at epoch {run.epoch + 1}, step {run.step}")
+    if world.is_main:
+        _write_config(run)
+    with _stop_signals() as caught:
+        while run.epoch < cfg.epochs:
+            run_epoch(run, reporter, caught)
+            end_epoch(run, reporter)
+    return finish(run, reporter)
+
+
+def resolve_config(cfg: TrainConfig, resume: Path | None,
+                   overrides: dict[str, Any] | None) -> tuple[TrainConfig, RunDir | None]:
+    """The run's config, merged once: the preset `cfg` for a new run, or the resumed run's saved
+    config with `overrides` applied (some options cannot change). Validated before any work."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    run = None
+    if resume is not None:
+        run = rundir.resolve_resume(resume)
+        saved = TrainConfig.from_json(checkpoint.read_config(run.checkpoint))
+        fixed = sorted(k for k, v in overrides.items() if k in FIXED_ON_RESUME and v != getattr(saved, k))
+        if fixed:
+            raise UsageError(f"--resume cannot change {', '.join(fixed)}; start a new run instead")
+        for key, value in overrides.items():
+            setattr(saved, key, value)
+        cfg = saved
+        cfg.output_dir = run.root
+    elif cfg.seed is None:
+        cfg.seed = secrets.randbelow(2**31)
+    cfg.validate()
+    return cfg, run
+
+
+def preflight(cfg: TrainConfig, resume: Path | None, overrides: dict[str, Any] | None) -> int:
+    """Check what a run would check before it starts, without starting it (for --nproc, whose
+    processes should not each fail on the same bad option). Returns the run's seed."""
+    cfg, resume_dir = resolve_config(cfg, resume, overrides)
+    resolve_device(cfg.device)
+    if resume_dir is None and cfg.output_dir is not None:
+        out = Path(cfg.output_dir)
+        if os.path.lexists(out):
+            rundir.refuse_existing(rundir.create(out), cfg.overwrite)
+    return cfg.seed
+
+
+def _join(cfg: TrainConfig, world: World) -> torch.device:
+    """Resolve the device, join the process group under torchrun, and apply the run's settings."""
+    device = resolve_device(cfg.device)
+    if world.enabled:
+        if device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        distributed.init(world, device.type, cfg.dist_timeout)
+    configure(device, cfg.deterministic)
     return device
 
 
-class RunPaths:
-    """The files of one run directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.weights = root / WEIGHTS
-        self.checkpoint = root / CHECKPOINT
-        self.metrics = root / METRICS
-        self.config = root / CONFIG
-        self.curves = root / CURVES
-
-
-def default_output_dir(model: str, root: Path = Path("runs")) -> Path:
-    """runs/<model>-<timestamp>, with a counter if two runs start in the same second."""
-    base = root / f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
-    out, n = base, 1
-    while out.exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-class _Stepper:
-    """Cross-entropy + torch.optim.SGD through autograd: the training step for any model, with
-    optional label smoothing and bf16 autocast."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-        self.model = model
-        self.forward = torch.compile(model) if cfg.compile else model
-        self.names = {p: n for n, p in model.named_parameters()}
-        params = [p for p in model.parameters() if p.requires_grad]
-        # Biases and BatchNorm shifts (the 1-d parameters) may learn faster than the weights (airbench).
-        groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
-                  {"params": [p for p in params if p.ndim <= 1], "lr_scale": cfg.bias_lr_scale}]
-        self.opt = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        self.set_lr(cfg.lr)
-        self.smoothing = cfg.label_smoothing
-        self.autocast = torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu",
-                                       dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast:
-            loss = F.cross_entropy(self.forward(x), y, label_smoothing=self.smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach().float()
-
-    def momentum_buffers(self) -> dict[str, torch.Tensor]:
-        """Momentum buffers by parameter name; absent before the first step."""
-        return {self.names[p]: s["momentum_buffer"] for p, s in self.opt.state.items()
-                if s.get("momentum_buffer") is not None}
-
-    def load_momentum_buffers(self, bufs: dict[str, torch.Tensor]) -> None:
-        """Restore buffers saved by `momentum_buffers`."""
-        for p, name in self.names.items():
-            if name in bufs:
-                self.opt.state[p]["momentum_buffer"] = bufs[name].to(p.device, p.dtype).clone()
-
-    def set_lr(self, lr: float) -> None:
-        """Change the learning rate of every parameter group."""
-        for group in self.opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-
-
-def _fused_tutorial_ok(cfg: TrainConfig, device: torch.device) -> bool:
-    """The hand-written CPU step covers exactly the tutorial recipe: plain SGD, no extras."""
-    return (cfg.model == "tutorial" and device.type == "cpu" and not cfg.nesterov and cfg.label_smoothing == 0
-            and cfg.schedule == "constant" and cfg.precision == "fp32" and not cfg.compile and not cfg.channels_last)
-
-
-def _make_stepper(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, world: World):
+def _output_dir(cfg: TrainConfig, resume_dir: RunDir | None, world: World) -> RunDir:
+    """The run directory: the resumed one, -o, or a fresh timestamped one (rank 0's name on every rank)."""
+    if resume_dir is not None:
+        return resume_dir
+    root = Path(cfg.output_dir) if cfg.output_dir else rundir.default_output_dir(cfg.model)
     if world.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+        root = Path(distributed.broadcast_text(str(root)))
+    if not world.is_main:
+        return RunDir(root)
+    return rundir.create(root)  # whether it holds a run is checked once it is locked
 
-        stepper = _Stepper(model, cfg, device)
-        # DDP all-reduces (averages) gradients during backward; the optimizer sees the global mean.
-        stepper.forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return stepper
-    if _fused_tutorial_ok(cfg, device):
-        from cifarctl.fast_tutorial import TutorialSGDStep
 
-        # At batch 4 a second thread only adds synchronisation: the step is faster on one.
-        torch.set_num_threads(1)
-        return TutorialSGDStep(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    return _Stepper(model, cfg, device)
+def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, reporter: Reporter,
+          fresh: bool) -> Run:
+    """Data on the device, the model, its stepper and the run's generators, in the order that
+    makes a seeded run repeatable."""
+    _seed_everything(cfg.seed)
+    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
+    mean, std = NORMALIZATION[cfg.normalization]
+    # bf16 runs keep the normalised set in bf16 too: half the memory traffic per gathered batch.
+    store = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    train_x = normalise(ds.train.images, mean, std, device).to(store)  # (N, 3, 32, 32)
+    test_x = normalise(ds.test.images, mean, std, device).to(store)
+    mconfig = {"num_classes": len(ds.class_names)}
+    if cfg.width:
+        mconfig["widths"] = parse_widths(cfg.width, cfg.model)
+    model = build_model(cfg.model, mconfig).to(device)
+    if hasattr(model, "init_whitening") and fresh:
+        # A few thousand images pin down a 12x12 patch covariance; the seeded perm makes it repeatable.
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        model.init_whitening(train_x[pick.to(device)])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stepper = make_stepper(model, cfg, device, world)
+    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
+                  "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
+    batches = TrainBatches(train_x, generators["augment"], crop_pad=cfg.crop_pad, flip=cfg.flip,
+                           cutout=cfg.cutout, channels_last=cfg.channels_last)  # flip_base: the same on every rank
+    if world.rank:
+        generators["augment"].manual_seed(cfg.seed + 1 + 1_000_003 * world.rank)  # other crops and flips per rank
+    global_batch = cfg.batch_size * world.size  # each rank takes batch_size images of every global batch
+    steps_per_epoch = math.ceil(len(train_x) / global_batch)
+    lookahead = Lookahead(model, steps_per_epoch * cfg.epochs) if cfg.lookahead else None
+    return Run(cfg, world, device, out, ds, mean, std, ds.train.labels.to(device), test_x,
+               ds.test.labels.to(device), model, mconfig, stepper, batches, generators, lookahead,
+               steps_per_epoch, global_batch)
+
+
+def restore(run: Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Continue from a checkpoint: model, optimizer, averaging, augmentation and RNG states, position."""
+    checkpoint.check_compatible(meta, tensors, run.out.checkpoint, model=run.cfg.model,
+                                class_names=run.ds.class_names, state=run.model.state_dict(),
+                                dataset={"train_count": len(run.train_y)})
+    state = checkpoint.unpack(tensors)
+    run.model.load_state_dict(state["model"])
+    run.stepper.load_momentum_buffers(state["momentum"])
+    checkpoint.set_rng_state(tensors, meta["rng"], run.generators, run.out.checkpoint)
+    if run.lookahead is not None:
+        run.lookahead.load_state_dict(state["lookahead"])
+    if run.batches.flip_base is not None:
+        run.batches.flip_base.copy_(tensors["flip_base"])
+    run.epoch, run.step, run.elapsed = meta["epoch"], meta["step"], meta["elapsed_s"]
+    run.perm = tensors["perm"].to(run.device) if run.step else None
+    done = run.epoch * run.steps_per_epoch + run.step
+    run.rows = [r for r in rundir.read_metrics(run.out.metrics) if int(r["step"]) <= done]
+    last = [r for r in run.rows if r["kind"] == "epoch"]
+    if last:
+        run.accuracy = float(last[-1]["test_acc"])
+        run.accuracy_plain = float(last[-1].get("test_acc_plain") or run.accuracy)
+
+
+def save_checkpoint(run: Run) -> None:
+    """The resumable state at the current position, written atomically."""
+    rng_tensors, rng_values = checkpoint.rng_state(run.generators)
+    tensors = checkpoint.pack(model=run.model.state_dict(), momentum=run.stepper.momentum_buffers(),
+                              lookahead=run.lookahead.state_dict() if run.lookahead is not None else {})
+    tensors.update(rng_tensors)
+    if run.perm is not None and run.step:
+        tensors["perm"] = run.perm
+    if run.batches.flip_base is not None:
+        tensors["flip_base"] = run.batches.flip_base
+    meta = {"epoch": run.epoch, "step": run.step, "elapsed_s": run.seconds(), "config": run.cfg.to_json(),
+            "rng": rng_values, "class_names": run.ds.class_names, "dataset": {"train_count": len(run.train_y)}}
+    checkpoint.save(run.out.checkpoint, tensors, meta)
+
+
+def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
+    """Train from the run's position to the end of the current epoch; on a stop signal save a
+    checkpoint and raise TrainingInterrupted."""
+    cfg, world = run.cfg, run.world
+    if run.perm is None:
+        run.perm = torch.randperm(len(run.train_y), generator=run.generators["shuffle"]).to(run.device)
+    log_every = cfg.log_every
+    ui_every = max(1, min(log_every, 200))  # progress updates: cheap, but not free at batch 4
+    running = torch.zeros((), device=run.device)
+    since_log, first = 0, run.step
+    t_epoch = time.perf_counter()
+    with reporter.task(f"epoch {run.epoch + 1}/{cfg.epochs}", run.steps_per_epoch) as task:
+        task.update(first)
+        for i in range(first, run.steps_per_epoch):
+            global_step = run.epoch * run.steps_per_epoch + i
+            if cfg.schedule != "constant":
+                run.stepper.set_lr(lr_at(cfg, global_step, run.total_steps, run.steps_per_epoch))
+            idx = run.perm[i * run.global_batch:(i + 1) * run.global_batch]
+            if world.enabled:
+                idx = distributed.shard(idx, world)
+            loss = run.stepper(run.batches(idx, run.epoch), run.train_y[idx])
+            if run.lookahead is not None:
+                run.lookahead.after_step(global_step + 1)
+            running += loss
+            since_log += 1
+            run.step = i + 1
+            if run.device.type == "cpu" and not math.isfinite(loss.item()):
+                _fail_non_finite(run, i)
+            # Ranks must agree on the step they stop at, or one would wait forever in all-reduce.
+            if distributed.any_rank(bool(caught), run.device) if world.enabled else caught:
+                if world.is_main:
+                    save_checkpoint(run)
+                raise _interrupted(caught[0] if caught else signal.SIGTERM, run.out.root)
+            if run.step % ui_every == 0 or run.step == run.steps_per_epoch:
+                rate = (run.step - first) * run.global_batch / max(time.perf_counter() - t_epoch, 1e-9)
+                task.update(run.step, imgs_s=f"{rate:,.0f} img/s")
+            if run.step % log_every == 0:
+                _log_loss(run, reporter, task, float(running) / since_log)  # the one host sync per interval
+                running.zero_()
+                since_log = 0
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    if since_log and not math.isfinite(float(running)):
+        _fail_non_finite(run, run.steps_per_epoch - 1)
+    epoch_time = time.perf_counter() - t_epoch
+    images = len(run.train_y) - min(first * run.global_batch, len(run.train_y))
+    run.train_time += epoch_time
+    run.trained_images += images
+    run.rows.append({"kind": "epoch", "epoch": run.epoch + 1, "train_s": f"{epoch_time:.2f}",
+                     "images_per_s": f"{images / epoch_time:.1f}"})
+
+
+def _log_loss(run: Run, reporter: Reporter, task: Any, value: float) -> None:
+    """The tutorial's running-loss line, and a metrics row."""
+    if not math.isfinite(value):
+        _fail_non_finite(run, run.step - 1)
+    global_step = run.epoch * run.steps_per_epoch + run.step
+    task.update(loss=f"loss {value:.3f}")
+    reporter.log(f"[{run.epoch + 1}, {run.step:5d}] loss: {value:.3f}")
+    run.rows.append({"kind": "log", "epoch": run.epoch + 1, "step": global_step,
+                     "images": min(global_step * run.global_batch, (run.epoch + 1) * len(run.train_y)),
+                     "train_loss": f"{value:.5f}", "lr": f"{run.stepper.lr():.6g}",
+                     "elapsed_s": f"{run.seconds():.2f}"})
+
+
+def end_epoch(run: Run, reporter: Reporter) -> None:
+    """Evaluate on the test set, log, and save weights, checkpoint and metrics (rank 0); the other
+    ranks wait. Moves the run to the start of the next epoch."""
+    cfg, row = run.cfg, run.rows[-1]
+    run.epoch, run.step, run.perm = run.epoch + 1, 0, None
+    if not run.world.is_main:
+        run.rows.pop()
+        distributed.barrier()  # rank 0 evaluates every test image once and writes the files
+        return
+    bf16 = cfg.precision == "bf16"
+    ev_plain = evaluate(run.model, run.test_x, run.test_y, len(run.ds.class_names), bf16=bf16)
+    # TTA costs a forward pass per view: measure it on the final epoch only.
+    tta = cfg.tta != "none" and run.epoch == cfg.epochs
+    ev = evaluate(run.model, run.test_x, run.test_y, len(run.ds.class_names), tta=cfg.tta, bf16=bf16) \
+        if tta else ev_plain
+    run.accuracy, run.accuracy_plain = ev.accuracy, ev_plain.accuracy
+    row.update({"step": run.epoch * run.steps_per_epoch, "images": run.epoch * len(run.train_y),
+                "test_loss": f"{ev.loss:.5f}", "test_acc": f"{ev.accuracy:.5f}",
+                "test_acc_plain": f"{ev_plain.accuracy:.5f}", "elapsed_s": f"{run.seconds():.2f}"})
+    tta_note = f", {100 * ev.accuracy:.2f}% with {cfg.tta} TTA" if tta else ""
+    reporter.log(f"epoch {run.epoch}: test accuracy {100 * ev_plain.accuracy:.2f}%{tta_note}  "
+                 f"(loss {ev.loss:.3f}, {row['train_s']} s)")
+    save_weights(run.out.weights, run.model.state_dict(), _weights_meta(run, ev.accuracy, tta))
+    save_checkpoint(run)
+    rundir.write_metrics(run.out.metrics, run.rows)
+    rundir.point_latest(run.out, reporter.log)  # only once the run has weights
+    if run.world.enabled:
+        distributed.barrier()
+
+
+def _weights_meta(run: Run, accuracy: float, tta: bool) -> dict[str, Any]:
+    cfg = run.cfg
+    return {"model": cfg.model, "model_config": run.model_config, "class_names": run.ds.class_names,
+            "mean": run.mean, "std": run.std, "epochs": str(run.epoch), "test_accuracy": f"{accuracy:.6f}",
+            "test_accuracy_plain": f"{run.accuracy_plain:.6f}", "tta": cfg.tta if tta else "none",
+            "precision": cfg.precision, "seed": str(cfg.seed), "cifarctl_version": __version__,
+            "torch_version": torch.__version__, "train_config": cfg.to_json()}
+
+
+def _write_config(run: Run) -> None:
+    fsutil.write_text(run.out.config, json.dumps(
+        {**run.cfg.to_json(), "device_resolved": str(run.device), "world_size": run.world.size,
+         "cifarctl_version": __version__, "torch_version": torch.__version__}, indent=2) + "\n")
+
+
+def finish(run: Run, reporter: Reporter) -> dict[str, Any]:
+    """Draw the curves and return the run's summary."""
+    from cifarctl.plots import plot_curves
+
+    if run.world.is_main:
+        plot_curves(run.rows, run.out.curves, f"{run.cfg.model}: {100 * run.accuracy:.2f}% test accuracy")
+        rundir.point_latest(run.out, reporter.log)
+    return {
+        "run_dir": str(run.out.root),
+        "weights": str(run.out.weights),
+        "model": run.cfg.model,
+        "epochs": run.cfg.epochs,
+        "test_accuracy": run.accuracy,
+        "test_accuracy_plain": run.accuracy_plain,
+        "tta": run.cfg.tta,
+        "time_s": round(run.seconds(), 2),
+        "train_time_s": round(run.train_time, 2),
+        "images_per_s": round(run.trained_images / run.train_time, 1) if run.train_time else None,
+        "device": str(run.device),
+        "world_size": run.world.size,
+        "seed": run.cfg.seed,
+        "files": run.out.files(),
+    }
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -174,26 +416,6 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -
     if step < warm:
         return cfg.lr * (step + 1) / warm
     return cfg.lr * max(total_steps - step, 0) / max(total_steps - warm, 1)
-
-
-def model_config(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
-    """The constructor arguments stored in the weights, from which the model is rebuilt."""
-    out: dict[str, Any] = {"num_classes": num_classes}
-    if cfg.width:
-        if cfg.model != "fast":
-            raise UsageError("--width applies to --model fast only")
-        try:
-            out["widths"] = [int(w) for w in cfg.width.split(",")]
-        except ValueError as err:
-            raise UsageError(f"--width takes comma-separated integers like 32,96,192, not {cfg.width!r}") from err
-    return out
-
-
-NORMALIZATION = {
-    "tutorial": (TUTORIAL_MEAN, TUTORIAL_STD),
-    # Per-channel mean and std of the CIFAR-10 training images.
-    "dataset": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-}
 
 
 @contextmanager
@@ -217,357 +439,16 @@ def _stop_signals():
             signal.signal(sig, old)
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    fsutil.write_text(path, buf.getvalue())
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss and test accuracy against training steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = [r for r in rows if r["kind"] == "log" and r["train_loss"] not in ("", None)]
-    epochs = [r for r in rows if r["kind"] == "epoch"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([int(r["step"]) for r in logs], [float(r["train_loss"]) for r in logs], label="train (running)")
-    ax1.plot([int(r["step"]) for r in epochs], [float(r["test_loss"]) for r in epochs], "o-", label="test")
-    ax1.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
-    ax1.legend()
-    ax2.plot([int(r["step"]) for r in epochs], [100 * float(r["test_acc"]) for r in epochs], "o-")
-    ax2.set(xlabel="step", ylabel="test accuracy (%)", title="test accuracy")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with fsutil.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _configure_cpu() -> None:
-    """Flush denormal floats to zero: tiny gradients and momentum values late in training otherwise
-    fall into the CPU's slow path for subnormal numbers (seen here: an epoch 4x slower)."""
-    torch.set_flush_denormal(True)
-
-
-def _configure_determinism(on: bool) -> None:
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def _batch_source(cfg: TrainConfig, train_x: torch.Tensor, augment: torch.Generator):
-    """A function (idx, epoch) -> augmented batch, built once per run: crops come from a copy of the
-    training set padded once up front, flips and cutout are drawn on the device."""
-    from cifarctl import augment as aug
-
-    source = aug.pad_reflect(train_x, cfg.crop_pad) if cfg.crop_pad else train_x
-    flip_base = aug.random_flip_mask(len(train_x), augment, train_x.device) if cfg.flip == "alternate" else None
-    if cfg.flip not in ("none", "random", "alternate"):
-        raise UsageError(f"--flip must be none, random or alternate, not {cfg.flip!r}")
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-    def batch(idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        x = source[idx]
-        if cfg.crop_pad:
-            x = aug.random_crop(x, 32, augment)
-        if cfg.flip == "random":
-            x = aug.flip_where(x, aug.random_flip_mask(len(idx), augment, x.device))
-        elif flip_base is not None:
-            x = aug.flip_where(x, aug.alternating_flip_mask(flip_base, idx, epoch))
-        if cfg.cutout:
-            x = aug.cutout(x, cfg.cutout, augment)
-        return x.contiguous(memory_format=layout)
-
-    return batch, flip_base
-
-
-def train(cfg: TrainConfig, reporter: Reporter, resume: Path | None = None,
-          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or resume) a run; returns a JSON-able summary. Raises CifarctlError subclasses.
-
-    Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 alone reports and writes files.
-    """
-    world = distributed.world_from_env()
-    if not world.enabled:
-        return _train(cfg, reporter, resume, overrides, world)
-    try:
-        return _train(cfg, reporter if world.is_main else Reporter(), resume, overrides, world)
-    except (RuntimeError, torch.distributed.DistBackendError) as err:
-        raise distributed.collective_error(err) from err
-    finally:
-        distributed.shutdown()
-
-
-def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides: dict[str, Any] | None,
-           world: World) -> dict[str, Any]:
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    state = None
-    if resume is not None:
-        resume = Path(resume)
-        if resume.name == CHECKPOINT:
-            resume = resume.parent
-        tensors, meta = checkpoint.load(resume / CHECKPOINT)
-        saved = TrainConfig.from_json(meta["config"])
-        fixed = {k for k, v in overrides.items()
-                 if k in ("model", "batch_size", "seed", "width", "lookahead") and v != getattr(saved, k)}
-        if fixed:
-            raise UsageError(f"--resume cannot change {', '.join(sorted(fixed))}; start a new run instead")
-        for key, value in overrides.items():
-            setattr(saved, key, value)
-        cfg = saved
-        cfg.output_dir = resume
-        state = (tensors, meta)
-    elif cfg.seed is None:
-        cfg.seed = secrets.randbelow(2**31)
-    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
-        raise UsageError("--batch-size and --epochs must be at least 1 and --lr positive")
-    if cfg.normalization not in NORMALIZATION:
-        raise UsageError(f"--normalization must be one of {', '.join(NORMALIZATION)}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UsageError("--precision must be fp32 or bf16")
-    device = resolve_device(cfg.device)
-    if world.enabled:
-        if device.type == "cuda":
-            device = torch.device("cuda", world.local_rank)
-            torch.cuda.set_device(device)
-        distributed.init(world, device.type, cfg.dist_timeout)
-    _configure_determinism(cfg.deterministic)
-    if device.type == "cpu":
-        _configure_cpu()
-    _seed_everything(cfg.seed)
-
-    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
-    mean, std = NORMALIZATION[cfg.normalization]
-    # bf16 runs keep the normalised set in bf16 too: half the memory traffic per gathered batch.
-    store = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    train_x = normalise(ds.train.images, mean, std, device).to(store)  # (N, 3, 32, 32)
-    train_y = ds.train.labels.to(device)  # (N,) int64
-    test_x = normalise(ds.test.images, mean, std, device).to(store)
-    test_y = ds.test.labels.to(device)
-    num_classes = len(ds.class_names)
-
-    mconfig = model_config(cfg, num_classes)
-    model = build_model(cfg.model, mconfig).to(device)
-    if hasattr(model, "init_whitening") and state is None:
-        # A few thousand images pin down a 12x12 patch covariance; the seeded perm makes it repeatable.
-        model.init_whitening(train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
-                                     [:5000].to(device)])
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    stepper = _make_stepper(model, cfg, device, world)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    augment = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    generators = {"shuffle": shuffle, "augment": augment}
-    next_batch, flip_base = _batch_source(cfg, train_x, augment)  # flip_base: the same on every rank
-    if world.rank:
-        augment.manual_seed(cfg.seed + 1 + 1_000_003 * world.rank)  # other ranks draw other crops and flips
-
-    root = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.model)
-    if world.enabled:
-        root = Path(distributed.broadcast_text(str(root)))  # the timestamped default differs per rank
-    out = RunPaths(root)
-    if world.is_main:
-        out.root.mkdir(parents=True, exist_ok=True)
-    n = len(train_y)
-    global_batch = cfg.batch_size * world.size  # each rank takes batch_size images of every global batch
-    steps_per_epoch = math.ceil(n / global_batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
-    start_epoch, start_step, elapsed = 0, 0, 0.0
-    perm = None
-    rows = _read_metrics(out.metrics) if state else []
-    if state:
-        tensors, meta = state
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        stepper.load_momentum_buffers({k[len("momentum."):]: v for k, v in tensors.items()
-                                       if k.startswith("momentum.")})
-        checkpoint.set_rng_state(tensors, meta["rng"], generators)
-        if lookahead is not None:
-            lookahead.load_state_dict({k[len("lookahead."):]: v for k, v in tensors.items()
-                                       if k.startswith("lookahead.")})
-        if flip_base is not None:
-            flip_base.copy_(tensors["flip_base"])
-        start_epoch, start_step, elapsed = meta["epoch"], meta["step"], meta["elapsed_s"]
-        perm = tensors["perm"].to(device) if start_step else None
-        rows = [r for r in rows if int(r["step"]) <= start_epoch * steps_per_epoch + start_step]
-        reporter.log(f"resuming {out.root} at epoch {start_epoch + 1}, step {start_step}")
-    if world.is_main:
-        fsutil.write_text(out.config, json.dumps(
-            {**cfg.to_json(), "device_resolved": str(device), "world_size": world.size,
-             "cifarctl_version": __version__, "torch_version": torch.__version__}, indent=2) + "\n")
-        _point_latest(out.root)
-
-    def weights_meta(epoch: int, ev, ev_plain) -> dict[str, Any]:
-        return {"model": cfg.model, "model_config": mconfig, "class_names": ds.class_names,
-                "mean": mean, "std": std, "epochs": str(epoch), "test_accuracy": f"{ev.accuracy:.6f}",
-                "test_accuracy_plain": f"{ev_plain.accuracy:.6f}", "tta": cfg.tta if ev is not ev_plain else "none",
-                "precision": cfg.precision,
-                "seed": str(cfg.seed), "cifarctl_version": __version__, "torch_version": torch.__version__,
-                "train_config": cfg.to_json()}
-
-    def save_checkpoint(epoch: int, step: int, perm_now: torch.Tensor | None) -> None:
-        rng_tensors, rng_values = checkpoint.rng_state(generators)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"momentum.{k}": v for k, v in stepper.momentum_buffers().items()})
-        tensors.update(rng_tensors)
-        if lookahead is not None:
-            tensors.update({f"lookahead.{k}": v for k, v in lookahead.state_dict().items()})
-        if perm_now is not None:
-            tensors["perm"] = perm_now
-        if flip_base is not None:
-            tensors["flip_base"] = flip_base
-        meta = {"epoch": epoch, "step": step, "elapsed_s": elapsed + (time.perf_counter() - t_start),
-                "config": cfg.to_json(), "rng": rng_values}
-        checkpoint.save(out.checkpoint, tensors, meta)
-
-    last = [r for r in rows if r["kind"] == "epoch"]
-    accuracy = float(last[-1]["test_acc"]) if last else float("nan")
-    accuracy_plain = float(last[-1].get("test_acc_plain") or accuracy) if last else float("nan")
-    log_every = max(cfg.log_every, 1)
-    ui_every = max(1, min(log_every, 200))  # progress updates: cheap, but not free at batch 4
-    train_time = 0.0
-    trained_images = 0
-    t_start = time.perf_counter()
-    model.train()
-    with _stop_signals() as caught:
-        for epoch in range(start_epoch, cfg.epochs):
-            if perm is None:
-                perm = torch.randperm(n, generator=shuffle).to(device)
-            running = torch.zeros((), device=device)
-            since_log = 0
-            t_epoch = time.perf_counter()
-            with reporter.task(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch) as task:
-                task.update(start_step)
-                for i in range(start_step, steps_per_epoch):
-                    global_step = epoch * steps_per_epoch + i
-                    if cfg.schedule != "constant":
-                        stepper.set_lr(lr_at(cfg, global_step, total_steps, steps_per_epoch))
-                    idx = perm[i * global_batch:(i + 1) * global_batch]
-                    if world.enabled:
-                        idx = distributed.shard(idx, world)
-                    loss = stepper(next_batch(idx, epoch), train_y[idx])
-                    if lookahead is not None:
-                        lookahead.after_step(global_step + 1)
-                    running += loss
-                    since_log += 1
-                    if device.type == "cpu" and not math.isfinite(loss.item()):
-                        _fail_non_finite(epoch, i, out)
-                    # Ranks must agree on the step they stop at, or one would wait forever in all-reduce.
-                    if (distributed.any_rank(bool(caught), device) if world.enabled else caught):
-                        if world.is_main:
-                            save_checkpoint(epoch, i + 1, perm)
-                        raise _interrupted(caught[0] if caught else signal.SIGTERM, out.root)
-                    if (i + 1) % ui_every == 0 or i + 1 == steps_per_epoch:
-                        done = i + 1 - start_step
-                        rate = done * global_batch / max(time.perf_counter() - t_epoch, 1e-9)
-                        task.update(i + 1, imgs_s=f"{rate:,.0f} img/s")
-                    if (i + 1) % log_every == 0:
-                        value = float(running) / since_log  # the one host sync per log interval
-                        if not math.isfinite(value):
-                            _fail_non_finite(epoch, i, out)
-                        task.update(loss=f"loss {value:.3f}")
-                        reporter.log(f"[{epoch + 1}, {i + 1:5d}] loss: {value:.3f}")
-                        rows.append({"kind": "log", "epoch": epoch + 1, "step": global_step + 1,
-                                     "images": min((global_step + 1) * global_batch, (epoch + 1) * n),
-                                     "train_loss": f"{value:.5f}", "lr": f"{stepper_lr(stepper, cfg):.6g}",
-                                     "elapsed_s": f"{elapsed + time.perf_counter() - t_start:.2f}"})
-                        running.zero_()
-                        since_log = 0
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_time = time.perf_counter() - t_epoch
-            epoch_images = n - min(start_step * global_batch, n)
-            train_time += epoch_time
-            trained_images += epoch_images
-            if since_log and not math.isfinite(float(running)):
-                _fail_non_finite(epoch, steps_per_epoch - 1, out)
-            if not world.is_main:
-                distributed.barrier()  # rank 0 evaluates every test image once and writes the files
-                start_step, perm = 0, None
-                continue
-            bf16 = cfg.precision == "bf16"
-            ev_plain = evaluate(model, test_x, test_y, num_classes, bf16=bf16)
-            # TTA costs a forward pass per view: measure it on the final epoch only.
-            final = epoch + 1 == cfg.epochs
-            ev = evaluate(model, test_x, test_y, num_classes, tta=cfg.tta, bf16=bf16) \
-                if cfg.tta != "none" and final else ev_plain
-            accuracy, accuracy_plain = ev.accuracy, ev_plain.accuracy
-            rows.append({"kind": "epoch", "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                         "images": (epoch + 1) * n, "test_loss": f"{ev.loss:.5f}", "test_acc": f"{accuracy:.5f}",
-                         "test_acc_plain": f"{accuracy_plain:.5f}",
-                         "elapsed_s": f"{elapsed + time.perf_counter() - t_start:.2f}",
-                         "train_s": f"{epoch_time:.2f}", "images_per_s": f"{epoch_images / epoch_time:.1f}"})
-            tta_note = f", {100 * accuracy:.2f}% with {cfg.tta} TTA" if ev is not ev_plain else ""
-            reporter.log(f"epoch {epoch + 1}: test accuracy {100 * accuracy_plain:.2f}%{tta_note}  "
-                         f"(loss {ev.loss:.3f}, {epoch_time:.1f} s)")
-            start_step, perm = 0, None
-            save_weights(out.weights, model.state_dict(), weights_meta(epoch + 1, ev, ev_plain))
-            save_checkpoint(epoch + 1, 0, None)
-            _write_metrics(out.metrics, rows)
-            if world.enabled:
-                distributed.barrier()
-    total = elapsed + time.perf_counter() - t_start
-    if world.is_main:
-        plot_curves(rows, out.curves, f"{cfg.model}: {100 * accuracy:.2f}% test accuracy")
-    return {
-        "run_dir": str(out.root),
-        "weights": str(out.weights),
-        "model": cfg.model,
-        "epochs": cfg.epochs,
-        "test_accuracy": accuracy,
-        "test_accuracy_plain": accuracy_plain,
-        "tta": cfg.tta,
-        "time_s": round(total, 2),
-        "train_time_s": round(train_time, 2),
-        "images_per_s": round(trained_images / train_time, 1) if train_time else None,
-        "device": str(device),
-        "world_size": world.size,
-        "seed": cfg.seed,
-        "files": {name: str(getattr(out, name)) for name in ("weights", "checkpoint", "metrics", "config", "curves")},
-    }
-
-
-def stepper_lr(stepper, cfg: TrainConfig) -> float:
-    """The learning rate in use now (the fused tutorial step has a fixed one)."""
-    opt = getattr(stepper, "opt", None)
-    return opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_scale"] if opt is not None else cfg.lr
-
-
-def _point_latest(run_dir: Path) -> None:
-    """runs/latest -> the newest run, so evaluate and predict can default to it."""
-    try:
-        fsutil.point_symlink(run_dir.parent / "latest", run_dir)
-    except OSError:
-        pass  # filesystems without symlinks: the run is still complete
-
-
-def _fail_non_finite(epoch: int, i: int, out: RunPaths) -> None:
-    kept = "the weights and checkpoint from the last finished epoch are kept" if out.weights.exists() \
+def _fail_non_finite(run: Run, i: int) -> None:
+    kept = "the weights and checkpoint from the last finished epoch are kept" if run.out.weights.exists() \
         else "no weights were saved"
-    raise NonFiniteLoss(f"loss became NaN or infinite at epoch {epoch + 1}, step {i + 1}; {kept}. "
+    raise NonFiniteLoss(f"loss became NaN or infinite at epoch {run.epoch + 1}, step {i + 1}; {kept}. "
                         "Lower --lr and start again (or --resume with a lower --lr)")
 
 

@@ -4,7 +4,9 @@ the metadata, so a model is rebuilt from the file alone. Nothing is ever unpickl
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,13 @@ from cifarctl.errors import UsageError
 
 WEIGHTS_FORMAT = "cifarctl-weights"
 MAX_HEADER_BYTES = 16 << 20  # a real header is a few KiB; anything near this is hostile or broken
+MAX_NAME_CHARS = 200
+MAX_NORM = 1e6  # bound on |mean| and on std and 1/std, so normalised float32 pixels stay finite
+TTA_MODES = ("none", "flip", "flip-translate")
+PRECISIONS = ("fp32", "bf16")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors names; all are read as the model's float32
+# str(torch dtype) -> safetensors name, for the non-float tensors (BatchNorm's step counts) that must match exactly
+_EXACT_DTYPES = {"torch.int64": "I64", "torch.int32": "I32", "torch.uint8": "U8", "torch.bool": "BOOL"}
 
 
 @dataclass
@@ -74,17 +83,47 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(header, dict):
         raise UsageError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise UsageError(f"{path} is not a valid safetensors file (its metadata is not an object of strings)")
     data_len = size - 8 - n
     for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_len):
-            raise UsageError(f"{path} is truncated or corrupt (tensor {name!r} lies outside the file)")
+        if not _entry_ok(entry, data_len):
+            raise UsageError(f"{path} is truncated or corrupt (tensor {_short(name)} lies outside the file)")
     return header, meta
+
+
+def _entry_ok(entry: Any, data_len: int) -> bool:
+    """A tensor entry has a dtype name, a shape of sizes and data offsets inside the data section."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        return False
+    return (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any) -> str:
+    """repr clipped to one short line: hostile values can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The checked, decoded metadata of a cifarctl weights file."""
     _, raw = read_header(path)
+    return _decode_metadata(path, raw)
+
+
+def _decode_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     if raw.get("format") != WEIGHTS_FORMAT:
         raise UsageError(f"{path} is a safetensors file but not cifarctl weights (no format={WEIGHTS_FORMAT} metadata)")
     meta: dict[str, Any] = dict(raw)
@@ -102,51 +141,114 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _check_types(path: Path, meta: dict[str, Any]) -> None:
-    """Metadata a model is rebuilt from must have the right shapes, or later code would crash."""
+    """Every metadata value later code uses must have the right type and lie within bounds, or a hostile
+    file could crash it, make it allocate without limit, or turn every score into nan."""
+    from cifarctl.models import validate_config
+
     def bad(what: str) -> UsageError:
         return UsageError(f"{path}: metadata {what}; the file was not written by cifarctl train")
+
+    if not isinstance(meta.get("model"), str):
+        raise bad("'model' is not a name")
+    try:
+        validate_config(meta["model"], meta["model_config"])
+    except UsageError as err:
+        raise UsageError(f"{path}: bad metadata: {err}") from err
+    _check_class_names(meta, bad)
+    for key, lo, hi in (("mean", -MAX_NORM, MAX_NORM), ("std", 1 / MAX_NORM, MAX_NORM)):
+        value = meta[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(_is_number(v) and lo <= v <= hi for v in value)):
+            raise bad(f"{key!r} is not 3 numbers in [{lo:g}, {hi:g}] but {_short(value)}")
+    for key, allowed in (("tta", TTA_MODES), ("precision", PRECISIONS)):
+        if key in meta and meta[key] not in allowed:
+            raise bad(f"{key!r} is {_short(meta[key])}, not one of {', '.join(allowed)}")
+    if "image_size" in meta:
+        size = meta["image_size"]  # a string of digits as metadata, an int if JSON-decoded
+        size = int(size) if isinstance(size, str) and size.isascii() and size.isdigit() else size
+        if not (_is_int(size) and 8 <= size <= 512):
+            raise bad(f"'image_size' is {_short(meta['image_size'])}, not an integer in [8, 512]")
+        meta["image_size"] = size
+    if "train_config" in meta and not isinstance(meta["train_config"], dict):
+        raise bad("'train_config' is not an object")
+
+
+def _check_class_names(meta: dict[str, Any], bad: Callable[[str], UsageError]) -> None:
+    """One printable, distinct, non-empty name per model output: they are printed and used as labels."""
+    from cifarctl.models import config_num_classes
 
     names = meta["class_names"]
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise bad("'class_names' is not a list of names")
-    if not isinstance(meta["model_config"], dict):
-        raise bad("'model_config' is not an object")
-    if meta["model_config"].get("num_classes", len(names)) != len(names):
-        raise bad("'class_names' does not match the model's number of classes")
-    for key in ("mean", "std"):
-        value = meta[key]
-        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
-            raise bad(f"{key!r} is not 3 numbers")
-    if not isinstance(meta.get("model"), str):
-        raise bad("'model' is not a name")
+    wrong = [n for n in names if not (0 < len(n) <= MAX_NAME_CHARS and n.isprintable())]
+    if wrong:
+        raise bad(f"'class_names' holds {_short(wrong[0])}, not a printable name of 1 to {MAX_NAME_CHARS} characters")
+    if len(set(names)) != len(names):
+        duplicate = next(n for i, n in enumerate(names) if n in names[:i])
+        raise bad(f"'class_names' names {_short(duplicate)} twice")
+    expected = config_num_classes(meta["model"], meta["model_config"])
+    if len(names) != expected:
+        raise bad(f"'class_names' has {len(names)} names but the model has {expected} classes")
 
 
 def load_weights(path: Path, device: str = "cpu") -> Weights:
-    """Rebuild the model a weights file describes and load its tensors (checked key by key)."""
+    """Rebuild the model a weights file describes and load its tensors, all checked first.
+
+    The model is laid out on the meta device and compared with the file's header before anything is
+    allocated, so memory use is bounded by the file's size. Float16 and bfloat16 tensors are widened
+    to float32, exactly.
+    """
+    import torch
+
+    from cifarctl.models import build_model
+
+    entries, raw = read_header(path)
+    meta = _decode_metadata(path, raw)
+    with torch.device("meta"):
+        skeleton = build_model(meta["model"], meta["model_config"])
+    expected = skeleton.state_dict()
+    _check_entries(path, meta["model"], entries, expected)
+    tensors = _read_tensors(path, expected)
+    if {k for k, _ in skeleton.named_parameters()} | {k for k, _ in skeleton.named_buffers()} <= set(expected):
+        model = skeleton.to_empty(device="cpu")
+    else:  # a non-persistent buffer would stay uninitialised: let the constructor set it
+        model = build_model(meta["model"], meta["model_config"])
+    model.load_state_dict(tensors)
+    model.to(torch.device(device)).eval()
+    return Weights(model, meta)
+
+
+def _check_entries(path: Path, model: str, entries: dict[str, Any], expected: dict[str, Any]) -> None:
+    """The file's tensor names, shapes and dtypes (from its header) against the model's state dict."""
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
+    if missing or extra:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(map(_short, extra[:3]))}"
+        raise UsageError(f"{path} does not match model {model!r}: {what}")
+    for key, value in expected.items():
+        shape, dtype = tuple(entries[key]["shape"]), entries[key]["dtype"]
+        if shape != tuple(value.shape):
+            raise UsageError(f"{path} does not match model {model!r}: {key} has shape {shape}, "
+                             f"expected {tuple(value.shape)}")
+        allowed = _FLOAT_DTYPES if value.dtype.is_floating_point else (_EXACT_DTYPES.get(str(value.dtype)),)
+        if dtype not in allowed:
+            raise UsageError(f"{path} does not match model {model!r}: {key} is of type {_short(dtype)}, "
+                             f"expected {' or '.join(map(str, allowed))}")
+
+
+def _read_tensors(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor, float ones widened to the model's dtype and checked to be finite."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from cifarctl.models import build_model
-
-    meta = read_metadata(path)
-    model = build_model(meta["model"], meta["model_config"])
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise UsageError(f"{path} is truncated or corrupt ({err})") from err
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
-        raise UsageError(f"{path} does not match model {meta['model']!r}: {what}")
     for key, value in expected.items():
-        if tensors[key].shape != value.shape:
-            raise UsageError(
-                f"{path} does not match model {meta['model']!r}: {key} has shape "
-                f"{tuple(tensors[key].shape)}, expected {tuple(value.shape)}"
-            )
-    model.load_state_dict(tensors)
-    model.to(torch.device(device)).eval()
-    return Weights(model, meta)
+        if value.dtype.is_floating_point:
+            tensors[key] = tensors[key].to(value.dtype)
+            if not torch.isfinite(tensors[key]).all():
+                raise UsageError(f"{path}: tensor {key} holds NaN or infinite values; the weights are broken, "
+                                 "train again or use an earlier weights file")
+    return tensors
