@@ -255,6 +255,7 @@ DAMAGE = {
     "short rng.torch": lambda meta, tensors: tensors.update({"rng.torch": tensors["rng.torch"][:100]}),
     "NaN weight": _nan_weight,
     "perm not a permutation": _repeated_perm,
+    "mid-epoch without perm": lambda meta, tensors: tensors.pop("perm"),
 }
 
 

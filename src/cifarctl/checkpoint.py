@@ -120,6 +120,8 @@ def validate(meta: Any, tensors: dict[str, torch.Tensor], path: Path | str) -> N
         raise damaged(path, "'class_names' is not a list of names")
     if not isinstance(meta.get("dataset", {}), dict):
         raise damaged(path, "'dataset' is not an object")
+    if meta["step"] and "perm" not in tensors:  # mid-epoch, the rest of the epoch's order is needed
+        raise damaged(path, f"stopped at step {meta['step']} but holds no 'perm' shuffle order")
     problem = _rng_problem(meta.get("rng")) or _tensor_problem(tensors)
     if problem:
         raise damaged(path, problem)

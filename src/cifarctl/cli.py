@@ -45,6 +45,11 @@ DataDir = Annotated[
     typer.Option("--data-dir", envvar="CIFARCTL_DATA_DIR", help="Folder holding the dataset cache  \\[default: ./data].",
                  rich_help_panel="Data"),
 ]
+DatasetOpt = Annotated[
+    Optional[str],
+    typer.Option("--dataset", envvar="CIFARCTL_DATASET", help="A dataset by name: cifar10, cifar100, cifar100-coarse, or "
+                 "one imported with `download --name`  \\[default: cifar10].", rich_help_panel="Data"),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.",
                                        rich_help_panel="Output")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps  \\[default: auto].",
@@ -142,16 +147,29 @@ def download(
         Optional[str], typer.Option("--md5", help="Expected md5 of a source that differs from the official archive.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cache even if a valid one exists.")] = False,
+    dataset: DatasetOpt = None,
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Import --source as a dataset of this name (the same as --dataset NAME).")] = None,
+    test_split: Annotated[float, typer.Option(
+        "--test-split", help="For a folder of <class>/ folders without train/ and test/: the share of each class "
+        "held out as the test split (seeded, stratified).")] = 0.2,
     json_out: JsonOut = False,
 ) -> None:
-    """Fetch and verify CIFAR-10 once, and cache it as uint8 tensors in DATA_DIR/cifar10.safetensors.
+    """Fetch and verify a dataset once, and cache it as uint8 tensors in DATA_DIR/<dataset>.safetensors.
 
-    A cache built from another --source is rebuilt from the one given; the old cache is replaced only once the new one is verified.
+    cifar10 (default), cifar100 and cifar100-coarse come from their official archives (or a mirror or local copy with --source). Any image folder becomes a named dataset with --source DIR_OR_TAR --name NAME: train/<class>/* and test/<class>/*, or one <class>/* tree split by --test-split; 2 to 1,000 classes. A cache built from another --source is rebuilt from the one given; the old cache is replaced only once the new one is verified.
     """
     from cifarctl import render
     from cifarctl.config import DownloadConfig
 
-    cfg = DownloadConfig(force=force, md5=md5)
+    if name is not None and dataset is not None and name != dataset:
+        from cifarctl.render import error_line
+
+        error_line(f"--name {name} and --dataset {dataset} disagree; give one of them")
+        raise typer.Exit(2)
+    cfg = DownloadConfig(force=force, md5=md5, test_split=test_split)
+    if name or dataset:
+        cfg.dataset = name or dataset
     if data_dir is not None:
         cfg.data_dir = data_dir
     if source is not None:
@@ -163,6 +181,21 @@ def download(
         return data.download(cfg, reporter)
 
     _command(json_out, work, render.download)
+
+
+@app.command()
+def datasets(data_dir: DataDir = None, json_out: JsonOut = False) -> None:
+    """List the datasets cached in DATA_DIR: name, classes, train/test images, source and size on disk."""
+    from cifarctl import render
+
+    def work(reporter):
+        from cifarctl.config import DownloadConfig
+        from cifarctl.data import list_datasets
+
+        return {"data_dir": str(data_dir or DownloadConfig().data_dir),
+                "datasets": list_datasets(data_dir or DownloadConfig().data_dir)}
+
+    _command(json_out, work, render.datasets)
 
 
 _T = TrainConfig  # defaults shown in --help come from the config dataclass itself
@@ -244,6 +277,14 @@ def train(
     dist_timeout: Annotated[Optional[float], typer.Option(
         "--dist-timeout", help="Seconds to wait for another process before failing  \\[default: 60].",
         rich_help_panel=_SCALE)] = None,
+    dataset: DatasetOpt = None,
+    val_split: Annotated[Optional[float], typer.Option(
+        "--val-split", help="Hold out this share of each training class for validation; each epoch then reports "
+        "validation accuracy, best.safetensors keeps the best epoch, and the test set is scored once at the end  "
+        "\\[default: 0].", rich_help_panel="Data")] = None,
+    patience: Annotated[Optional[int], typer.Option(
+        "--patience", min=1, metavar="N", help="Stop after N epochs without a better validation accuracy (needs "
+        "--val-split).", rich_help_panel=_RECIPE)] = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -259,6 +300,7 @@ def train(
                      warmup_epochs=warmup_epochs, crop_pad=crop_pad, cutout=cutout, lookahead=lookahead, width=width,
                      channels_last=channels_last, compile=compile_model, dist_timeout=dist_timeout,
                      output_dir=output_dir, overwrite=overwrite or None, data_dir=data_dir, model=model,
+                     dataset=dataset, val_split=val_split, patience=patience,
                      schedule=schedule, flip=flip, precision=precision, tta=tta, normalization=normalization)
     overrides = {k: (v.value if hasattr(v, "value") else v) for k, v in overrides.items() if v is not None}
     if nproc is not None and "WORLD_SIZE" not in os.environ:
@@ -330,6 +372,9 @@ def evaluate(
     gpu: GpuOpt = False,
     output_dir: Annotated[Optional[Path], typer.Option(
         "--output-dir", "-o", help="Where confusion.png goes  \\[default: the weights file's folder].")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", envvar="CIFARCTL_DATASET", help="The dataset to score on; it must be the one the weights were "
+        "trained on  \\[default: the weights' own].")] = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -340,7 +385,8 @@ def evaluate(
     from cifarctl import render
 
     cfg = EvaluateConfig(weights=weights, split=split.value, batch_size=batch_size,
-                         device=_device(device, gpu) or "auto", confusion=confusion, output_dir=output_dir)
+                         device=_device(device, gpu) or "auto", confusion=confusion, output_dir=output_dir,
+                         dataset=dataset)
     if data_dir is not None:
         cfg.data_dir = data_dir
 
@@ -404,6 +450,7 @@ def show_batch(
         "in red.")] = None,
     scale: Annotated[int, typer.Option(min=1, max=16, help="Magnification of each image in the PNG.")] = _S.scale,
     no_preview: Annotated[bool, typer.Option("--no-preview", help="Do not draw the images in the terminal.")] = False,
+    dataset: DatasetOpt = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -414,6 +461,8 @@ def show_batch(
     from cifarctl import render
 
     cfg = ShowBatchConfig(split=split.value, n=n, seed=seed, out=out_path, weights=weights, scale=scale)
+    if dataset is not None:
+        cfg.dataset = dataset
     if data_dir is not None:
         cfg.data_dir = data_dir
 

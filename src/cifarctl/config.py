@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -15,10 +16,33 @@ from typing import Any
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_BYTES = 170_498_071
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_BYTES = 169_001_437
+DEFAULT_DATASET = "cifar10"
+OFFICIAL_URLS = {"cifar10": CIFAR10_URL, "cifar100": CIFAR100_URL, "cifar100-coarse": CIFAR100_URL}
+# A dataset name becomes a file name (DATA_DIR/<name>.safetensors): lower-case letters, digits,
+# '.', '_' and '-', starting with a letter or digit, so no name can reach outside the data dir.
+_DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MIN_CLASSES, MAX_CLASSES = 2, 1000
 
 
 def _env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name) or default)
+
+
+def _env_dataset() -> str:
+    return os.environ.get("CIFARCTL_DATASET") or DEFAULT_DATASET
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if it can name a dataset; else a UsageError saying what a name may hold."""
+    from cifarctl.errors import UsageError
+
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name) or name.endswith("."):
+        raise UsageError(f"dataset name {name!r} is not allowed; use 1 to 64 lower-case letters, digits, "
+                         "'.', '_' or '-', starting with a letter or digit")
+    return name
 
 
 @dataclass
@@ -31,11 +55,14 @@ class DownloadConfig:
     source: str | None = field(default_factory=lambda: os.environ.get("CIFARCTL_SOURCE") or None)
     md5: str | None = None  # expected md5 of an archive that is not byte-identical to the official one
     force: bool = False  # rebuild the cache even when a valid one exists
+    dataset: str = field(default_factory=_env_dataset)  # the cache's name: DATA_DIR/<dataset>.safetensors
+    test_split: float = 0.2  # share of each class held out as test, for a folder without train/ and test/
+    split_seed: int = 0  # seed of that stratified split
 
     @property
     def url_or_path(self) -> str:
-        """The source to read: the one given, else the official archive's URL."""
-        return self.source or CIFAR10_URL
+        """The source to read: the one given, else the official archive's URL ('' for other names)."""
+        return self.source or OFFICIAL_URLS.get(self.dataset, "")
 
 
 class ModelName(str, Enum):
@@ -113,6 +140,9 @@ class TrainConfig:
     tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip-translate
     normalization: str = "tutorial"  # tutorial: mean = std = 0.5, inputs in [-1, 1]; dataset: CIFAR-10 statistics
     dist_timeout: float = 60.0  # seconds a process waits for the others (torchrun) before failing
+    dataset: str = field(default_factory=_env_dataset)  # a dataset cached by `cifarctl download`
+    val_split: float = 0.0  # share of each training class held out for validation (0: none, as the tutorial)
+    patience: int | None = None  # stop after this many epochs without a better validation accuracy
     output_dir: Path | None = None  # None: runs/<model>-<timestamp>
     overwrite: bool = False  # allow -o to name a folder that already holds a run
     data_dir: Path = field(default_factory=lambda: _env_path("CIFARCTL_DATA_DIR", "data"))
@@ -139,6 +169,9 @@ class TrainConfig:
             raise UsageError(f"--warmup-epochs ({self.warmup_epochs:g}) cannot exceed --epochs ({self.epochs})")
         if self.width is not None:
             parse_widths(self.width, self.model)
+        check_dataset_name(self.dataset)
+        if self.patience is not None and self.val_split == 0:
+            raise UsageError("--patience needs a validation split: add --val-split, e.g. 0.1")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of every field."""
@@ -173,6 +206,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "crop_pad": (0, 16),
     "cutout": (0, 32),
     "dist_timeout": (1, 7 * 24 * 3600),
+    "val_split": (0, 0.5),
+    "patience": (1, 100_000),
 }
 MAX_WIDTH = 4096  # channels per layer of --width: wider would not fit any machine this runs on
 
@@ -233,6 +268,7 @@ class EvaluateConfig:
     """Every option of `cifarctl evaluate`."""
 
     weights: Path = Path("runs/latest/weights.safetensors")
+    dataset: str | None = field(default_factory=lambda: os.environ.get("CIFARCTL_DATASET") or None)  # None: the weights'
     split: str = "test"
     batch_size: int = 1000  # images per forward pass; only memory and speed depend on it
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -257,6 +293,7 @@ class ShowBatchConfig:
     """Every option of `cifarctl show-batch`."""
 
     split: str = "train"
+    dataset: str = field(default_factory=_env_dataset)
     n: int = 16
     seed: int | None = None  # None: a fresh one, printed so the same batch can be shown again
     out: Path = Path("grid.png")

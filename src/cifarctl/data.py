@@ -1,5 +1,6 @@
-"""CIFAR-10 on disk: download or import once, verify, and cache as uint8 tensors in one
-safetensors file that every other command loads in well under a second."""
+"""Datasets on disk: download or import once, verify, and cache each named dataset as uint8
+tensors in one safetensors file (DATA_DIR/<name>.safetensors) that every other command loads in
+well under a second. CIFAR-10, CIFAR-100 (fine or coarse labels) and any image folder."""
 
 from __future__ import annotations
 
@@ -19,20 +20,21 @@ from typing import Any
 import numpy as np
 
 from cifarctl import fsutil
-from cifarctl.archive import load_pickle_batch, safe_extract, tar_names
-from cifarctl.config import CIFAR10_BYTES, CIFAR10_MD5, CIFAR10_URL, DownloadConfig
+from cifarctl.archive import safe_extract, tar_names
+from cifarctl.config import (DEFAULT_DATASET, MAX_CLASSES, MIN_CLASSES, DownloadConfig, check_dataset_name)
 from cifarctl.errors import CifarctlError, UsageError
 from cifarctl.fetch import fetch, md5_file
 from cifarctl.images import IMAGE_SUFFIXES, ImageError, load_image_counted, walk_files
+from cifarctl.official import RELEASES, Release, read_release, release_of_archive
 from cifarctl.progress import Reporter
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ALIASES = {"plane": "airplane", "car": "automobile"}
 SPLITS = ("train", "test")
-CACHE_NAME = "cifar10.safetensors"
+CACHE_NAME = "cifar10.safetensors"  # the CIFAR-10 cache; every dataset's is <name>.safetensors
+CACHE_SUFFIX = ".safetensors"
 CACHE_FORMAT = "cifarctl-dataset"
 FORMAT_VERSION = "1"
-_OFFICIAL_DIR = "cifar-10-batches-py"
 _CHUNK = 1000  # images per decode job: large enough to amortise process round trips
 
 
@@ -63,9 +65,9 @@ class Dataset:
         return getattr(self, name)
 
 
-def cache_path(data_dir: Path) -> Path:
-    """Where the tensor cache lives inside a data dir."""
-    return Path(data_dir) / CACHE_NAME
+def cache_path(data_dir: Path, dataset: str = DEFAULT_DATASET) -> Path:
+    """Where dataset `dataset`'s tensor cache lives inside a data dir."""
+    return Path(data_dir) / f"{check_dataset_name(dataset)}{CACHE_SUFFIX}"
 
 
 class _InvalidCache(Exception):
@@ -145,23 +147,77 @@ def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
     return Dataset(splits["train"], splits["test"], list(class_names), dict(meta))
 
 
-def load_dataset(data_dir: Path) -> Dataset:
-    """Load and verify the cache as torch uint8/int64 tensors, or raise an error that says how to get it."""
-    path = cache_path(data_dir)
+def load_dataset(data_dir: Path, dataset: str = DEFAULT_DATASET) -> Dataset:
+    """Load and verify a cache as torch uint8/int64 tensors, or raise an error that says how to get it."""
+    path = cache_path(data_dir, dataset)
     try:
         return _read_cache(path, "pt")
     except _InvalidCache as err:
-        fix = "run `cifarctl download`" if str(err) == "missing" else \
-            "rebuild it with `cifarctl download` (add --source PATH for a local copy)"
+        how = f"cifarctl download --dataset {dataset}" if dataset != DEFAULT_DATASET else "cifarctl download"
+        if dataset not in RELEASES:
+            how += " --source PATH"
+        fix = f"run `{how}`" if str(err) == "missing" else f"rebuild it with `{how}` (--source PATH for a local copy)"
         raise CifarctlError(f"no valid dataset cache at {path} ({err}); {fix}") from err
 
 
 def ensure_dataset(cfg: DownloadConfig, reporter: Reporter) -> Dataset:
     """Load the verified cache, running the download step first when there is none. A damaged
     cache is an error that says how to rebuild it: a rebuild may need the network or a --source."""
-    if not os.path.lexists(cache_path(cfg.data_dir)):
+    if not os.path.lexists(cache_path(cfg.data_dir, cfg.dataset)):
+        if cfg.dataset not in RELEASES and cfg.source is None:
+            raise CifarctlError(f"there is no dataset {cfg.dataset!r} in {cfg.data_dir}; import it with "
+                                f"`cifarctl download --source DIR_OR_TAR --name {cfg.dataset}` (see `cifarctl datasets`)")
         download(cfg, reporter)
-    return load_dataset(cfg.data_dir)
+    return load_dataset(cfg.data_dir, cfg.dataset)
+
+
+def dataset_stats(ds: Dataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images in [0, 1]: recorded at import, or computed
+    for caches written before that was recorded."""
+    try:
+        mean, std = json.loads(ds.metadata["mean"]), json.loads(ds.metadata["std"])
+        if len(mean) == len(std) == 3 and all(s > 0 for s in std):
+            return [float(m) for m in mean], [float(s) for s in std]
+    except (KeyError, ValueError, TypeError):
+        pass
+    return _channel_stats(_as_numpy(ds.train.images))
+
+
+def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Mean and std per channel of (N, H, W, 3) uint8, in [0, 1]; chunked so float temporaries stay small."""
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    for start in range(0, len(images), 5000):
+        part = images[start:start + 5000].reshape(-1, 3).astype(np.float64)
+        total += part.sum(0)
+        squares += (part * part).sum(0)
+        count += len(part)
+    if not count:
+        return [0.5] * 3, [0.5] * 3
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0))
+    return [round(float(m / 255), 6) for m in mean], [round(float(max(s / 255, 1e-3)), 6) for s in std]
+
+
+def list_datasets(data_dir: Path) -> list[dict[str, Any]]:
+    """Every dataset cached in `data_dir`, from the headers alone (nothing is verified here): name,
+    classes, counts, source, bytes on disk, and whether the header is readable."""
+    out = []
+    for path in sorted(Path(data_dir).glob(f"*{CACHE_SUFFIX}")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            ds = _read_cache(path, "np", verify=False)
+        except _InvalidCache as err:
+            out.append({"name": path.stem, "status": f"invalid ({err})", "bytes": path.stat().st_size})
+            continue
+        meta = ds.metadata
+        out.append({"name": meta.get("name") or path.stem, "status": "ok", "classes": len(ds.class_names),
+                    "class_names": ds.class_names, "train": len(ds.train), "test": len(ds.test),
+                    "source": meta.get("source", ""), "test_split": meta.get("test_split") or None,
+                    "bytes": path.stat().st_size, "cache": str(path)})
+    return out
 
 
 def summarize(ds: Dataset) -> dict[str, Any]:
@@ -242,7 +298,10 @@ def _dir_lock(data_dir: Path, reporter: Reporter):
 def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
     """Fetch or import CIFAR-10 once, verify it, and write the tensor cache. Returns a summary."""
     data_dir = Path(cfg.data_dir)
-    cache = cache_path(data_dir)
+    cache = cache_path(data_dir, cfg.dataset)
+    if cfg.dataset not in RELEASES and cfg.source is None:
+        raise UsageError(f"{cfg.dataset!r} is not an official dataset ({', '.join(RELEASES)}); import an image "
+                         f"folder as it with --source DIR_OR_TAR --name {cfg.dataset}")
     if cfg.source is not None and not _is_url(cfg.source) and not Path(cfg.source).expanduser().exists():
         raise UsageError(f"source {cfg.source} does not exist; pass an http(s) URL, a .tar.gz or a folder")
     if not cfg.force and (summary := _cached(cfg, cache, reporter)):
@@ -263,35 +322,42 @@ def _build(cfg: DownloadConfig, data_dir: Path, cache: Path, reporter: Reporter)
     report = ImportReport()
     source = cfg.url_or_path
     if _is_url(source):
-        md5, official, archive = _fetch_archive(cfg, data_dir, reporter)
-        arrays, class_names = _from_archive(archive, official, data_dir, reporter, report)
+        md5, release, archive = _fetch_archive(cfg, data_dir, reporter)
+        arrays, class_names = _from_archive(archive, release, cfg, data_dir, reporter, report)
     else:
         src = Path(source).expanduser()
         if src.is_dir():
             md5 = None
-            arrays, class_names = _from_dir(src, reporter, report)
+            arrays, class_names = _from_dir(src, cfg, reporter, report)
         elif src.is_file():
-            md5, official = _verify_archive(src, cfg)
-            arrays, class_names = _from_archive(src, official, data_dir, reporter, report)
+            md5, release = _verify_archive(src, cfg)
+            arrays, class_names = _from_archive(src, release, cfg, data_dir, reporter, report)
         else:
             raise UsageError(f"source {source} is neither a folder nor a file; pass an http(s) URL, a .tar.gz "
                              "or a folder")
+    if not MIN_CLASSES <= len(class_names) <= MAX_CLASSES:
+        raise CifarctlError(f"{source} has {len(class_names)} classes; a dataset needs {MIN_CLASSES} to {MAX_CLASSES}")
+    mean, std = _channel_stats(arrays["train_images"])
     meta = {
         "format": CACHE_FORMAT,
         "format_version": FORMAT_VERSION,
+        "name": cfg.dataset,
         "class_names": json.dumps(class_names),
         "source": source_key(source),
         "source_md5": md5 or "",
         "train_count": str(len(arrays["train_labels"])),
         "test_count": str(len(arrays["test_labels"])),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
+        **({"test_split": str(report.test_split), "split_seed": str(cfg.split_seed)} if report.test_split else {}),
     }
     ds = _write_cache(cache, arrays, meta)
     return _summary(ds, cache, status="built", converted=report.converted, skipped=report.skipped)
 
 
-def _fetch_archive(cfg: DownloadConfig, data_dir: Path, reporter: Reporter) -> tuple[str, bool, Path]:
+def _fetch_archive(cfg: DownloadConfig, data_dir: Path, reporter: Reporter) -> tuple[str, Release | None, Path]:
     """The verified archive of a URL source: kept from an earlier run, or downloaded. Returns
-    (md5, is_official_layout, path)."""
+    (md5, the official release it holds or None, path)."""
     url = cfg.url_or_path
     archive = data_dir / _archive_name(url)
     if archive.is_file():  # kept by an earlier run: rebuild from it without the network
@@ -300,21 +366,22 @@ def _fetch_archive(cfg: DownloadConfig, data_dir: Path, reporter: Reporter) -> t
         except CifarctlError as err:
             reporter.log(f"{archive.name} from an earlier run does not verify ({err}); downloading it again")
             archive.unlink()
-    # The official archive's size is known: a server sending more is stopped at once.
-    part = fetch(url, archive.with_name(archive.name + ".part"), reporter,
-                 max_bytes=CIFAR10_BYTES if url == CIFAR10_URL else None)
+    # An official archive's size is known: a server sending more is stopped at once.
+    sizes = {r.url: r.size for r in RELEASES.values()}
+    part = fetch(url, archive.with_name(archive.name + ".part"), reporter, max_bytes=sizes.get(url))
     try:
-        md5, official = _verify_archive(part, cfg)
+        md5, release = _verify_archive(part, cfg)
     except CifarctlError:
         part.unlink(missing_ok=True)  # a corrupt part would only be resumed into a corrupt file
         raise
     os.replace(part, archive)
-    return md5, official, archive
+    return md5, release, archive
 
 
 def _summary(ds: Dataset, cache: Path, status: str, converted: int = 0, skipped: list | None = None) -> dict[str, Any]:
     return {
         "status": status,
+        "dataset": ds.metadata.get("name") or cache.stem,
         "cache": str(cache),
         "source": ds.metadata.get("source", ""),
         "source_md5": ds.metadata.get("source_md5", ""),
@@ -341,11 +408,13 @@ def _write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict[str, str
     return ds
 
 
-def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, bool]:
-    """Check an archive's md5 before anything in it is unpacked. Returns (md5, is_official_layout).
+def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, Release | None]:
+    """Check an archive's md5 before anything in it is unpacked. Returns (md5, the official release
+    whose layout it has, or None for an image-folder archive).
 
-    The expected md5 is --md5 when given, else the official one for an archive in the official
-    layout; an image-folder archive without --md5 is accepted and its md5 recorded.
+    The expected md5 is --md5 when given, else the official one for an archive from an official
+    URL or in an official layout; an image-folder archive without --md5 is accepted and its md5
+    recorded.
     """
     md5 = md5_file(archive)
 
@@ -355,67 +424,37 @@ def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, bool]:
             raise CifarctlError(f"md5 mismatch for {archive.name}: expected {expected}, got {md5}; {hint}")
 
     # A known checksum is checked before the file is even read as a tar (it may be an error page).
-    expected = cfg.md5 or (CIFAR10_MD5 if cfg.url_or_path == CIFAR10_URL else None)
+    official_md5 = {r.url: r.md5 for r in RELEASES.values()}.get(cfg.url_or_path)
+    expected = cfg.md5 or official_md5
     if expected:
         check(expected)
-    official = any(n.rstrip("/").endswith(f"{_OFFICIAL_DIR}/data_batch_1") for n in tar_names(archive))
-    if official and not expected:
-        check(CIFAR10_MD5)
-    return md5, official
+    release = release_of_archive(tar_names(archive), cfg.dataset)
+    if release is not None and not expected:
+        check(release.md5)
+    return md5, release
 
 
-def _from_archive(archive: Path, official: bool, data_dir: Path, reporter: Reporter,
+def _from_archive(archive: Path, release: Release | None, cfg: DownloadConfig, data_dir: Path, reporter: Reporter,
                   report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
     tmp = data_dir / f".extract-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         reporter.log(f"unpacking {archive.name}")
         safe_extract(archive, tmp)
-        if official:
-            batches = next(tmp.rglob(f"{_OFFICIAL_DIR}/data_batch_1")).parent
-            return _from_official(batches)
+        if release is not None:
+            if cfg.dataset in RELEASES and release.name != cfg.dataset:
+                raise UsageError(f"{archive.name} is the {release.name} archive, not {cfg.dataset}; pass "
+                                 f"--dataset {release.name}")
+            marker = next(tmp.rglob(f"{release.folder}/{release.train_files[0]}"))
+            return read_release(marker.parent, release)
         first = len(report.skipped)
         try:
-            return _from_dir(tmp, reporter, report)
+            return _from_dir(tmp, cfg, reporter, report)
         finally:
             for item in report.skipped[first:]:  # name files as they are in the archive, not the temp dir
                 item["path"] = f"{archive.name}:{Path(item['path']).relative_to(tmp).as_posix()}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _from_official(batches: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Read the python-pickle release: 5 training batches, a test batch and batches.meta."""
-    meta = load_pickle_batch(batches / "batches.meta")
-    names = meta.get("label_names")
-    class_names = [str(n) for n in names] if isinstance(names, list) else []
-    if not class_names:
-        raise CifarctlError("batches.meta has no label_names; the archive is not CIFAR-10")
-    arrays = {}
-    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
-        images, labels = [], []
-        for name in names:
-            path = batches / name
-            if not path.is_file():
-                raise CifarctlError(f"{name} is missing from the archive; re-download it")
-            batch = load_pickle_batch(path)
-            data, lab = batch.get("data"), batch.get("labels")
-            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-                raise CifarctlError(f"{name}: 'data' is not a uint8 array of rows of 3072")
-            if not isinstance(lab, list) or len(lab) != len(data):
-                raise CifarctlError(f"{name}: 'labels' is not a list as long as 'data'")
-            # Rows are channel-major (R plane, G plane, B plane); the cache is HWC.
-            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            try:
-                labels.append(np.asarray(lab, dtype=np.int64))
-            except (TypeError, ValueError, OverflowError) as err:
-                raise CifarctlError(f"{name}: 'labels' are not whole numbers ({err})") from err
-        arrays[f"{split}_images"] = np.concatenate(images)
-        arrays[f"{split}_labels"] = np.concatenate(labels)
-        if arrays[f"{split}_labels"].size and not (0 <= arrays[f"{split}_labels"].min() and
-                                                   arrays[f"{split}_labels"].max() < len(class_names)):
-            raise CifarctlError(f"{split} labels fall outside the {len(class_names)} classes")
-    return arrays, class_names
 
 
 @dataclass
@@ -424,18 +463,23 @@ class ImportReport:
 
     converted: int = 0  # images that were not 32x32 RGB and were converted and resized
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"} per unreadable file
+    test_split: float = 0.0  # share held out as test when the folder had no test/
 
 
-def _find_split_root(folder: Path) -> Path:
-    """The folder holding train/ and test/: the given one, or its only subfolder (a tar's top dir)."""
+def _find_layout(folder: Path) -> tuple[Path, bool]:
+    """(root, has_splits): the folder holding train/ and test/ (has_splits), else the folder of
+    <class>/ folders; the given one, or below its only subfolder (a tar's top dir)."""
     for _ in range(3):
         if (folder / "train").is_dir() and (folder / "test").is_dir():
-            return folder
+            return folder, True
         subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
         if len(subdirs) != 1:
             break
         folder = subdirs[0]
-    raise CifarctlError(f"{folder} has no train/<class>/ and test/<class>/ folders; see `cifarctl download --help`")
+    if folder.name == "train" or len(_class_dirs(folder)) >= MIN_CLASSES:
+        return folder, False
+    raise CifarctlError(f"{folder} has neither train/<class>/ and test/<class>/ folders nor <class>/ folders; "
+                        "see `cifarctl download --help`")
 
 
 def _class_dirs(split_dir: Path) -> dict[str, Path]:
@@ -451,36 +495,64 @@ def class_order(names: list[str]) -> list[str]:
     return sorted(names)
 
 
-def _from_dir(folder: Path, reporter: Reporter, report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
-    root = _find_split_root(folder)
-    class_names = class_order(list(_class_dirs(root / "train")))
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) indices: `fraction` of each class's indices (rounded, at least one when the
+    class has two or more) held out, chosen by a seeded shuffle; both sorted."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        n = min(max(round(fraction * len(idx)), 1 if len(idx) > 1 else 0), len(idx) - 1) if fraction else 0
+        held.append(rng.permutation(idx)[:n])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held_idx)
+    return kept, held_idx
+
+
+def _from_dir(folder: Path, cfg: DownloadConfig, reporter: Reporter,
+              report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
+    root, has_splits = _find_layout(folder)
+    class_names = class_order(list(_class_dirs(root / "train" if has_splits else root)))
+    if not has_splits:
+        images, labels = _import_split(root, "all", class_names, reporter, report)
+        if not 0 < cfg.test_split < 1:
+            raise UsageError(f"--test-split must be between 0 and 1, not {cfg.test_split}")
+        kept, held = stratified_split(labels, cfg.test_split, cfg.split_seed)
+        report.test_split = cfg.test_split
+        return {"train_images": images[kept], "train_labels": labels[kept], "test_images": images[held],
+                "test_labels": labels[held]}, class_names
+    arrays = {}
+    for split in SPLITS:
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = _import_split(root / split, split, class_names,
+                                                                            reporter, report)
+    return arrays, class_names
+
+
+def _import_split(folder: Path, split: str, class_names: list[str], reporter: Reporter,
+                  report: ImportReport) -> tuple[np.ndarray, np.ndarray]:
+    """Decode folder/<class>/** into (images (n, 32, 32, 3) uint8, labels (n,) int64)."""
     cifar = class_names == list(CLASSES)
 
     def label_of(folder_name: str) -> int | None:
         name = ALIASES.get(folder_name.lower(), folder_name.lower()) if cifar else folder_name
         return class_names.index(name) if name in class_names else None
 
-    arrays = {}
-    for split in SPLITS:
-        dirs = _class_dirs(root / split)
-        unknown = sorted(n for n in dirs if label_of(n) is None)
-        if unknown:
-            raise CifarctlError(f"{split}/ has classes that train/ lacks: {', '.join(unknown)}")
-        files, labels = [], []
-        for name, d in dirs.items():
-            found, problems = walk_files(d, IMAGE_SUFFIXES)  # FIFOs, devices and link loops are reported
-            report.skipped.extend({"path": p.path, "error": p.error} for p in problems)
-            files += found
-            labels += [label_of(name)] * len(found)
-        if not files:
-            raise CifarctlError(f"no images in {root / split}; expected {split}/<class>/ with "
-                                f"{', '.join(IMAGE_SUFFIXES)} files")
-        images, ok = _decode_all([str(f) for f in files], f"importing {split}", reporter, report)
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)[ok]
-        if not len(images):
-            raise CifarctlError(f"none of the images in {root / split} could be read")
-    return arrays, class_names
+    dirs = _class_dirs(folder)
+    unknown = sorted(n for n in dirs if label_of(n) is None)
+    if unknown:
+        raise CifarctlError(f"{split}/ has classes that train/ lacks: {', '.join(unknown)}")
+    files, labels = [], []
+    for name, d in dirs.items():
+        found, problems = walk_files(d, IMAGE_SUFFIXES)  # FIFOs, devices and link loops are reported
+        report.skipped.extend({"path": p.path, "error": p.error} for p in problems)
+        files += found
+        labels += [label_of(name)] * len(found)
+    if not files:
+        raise CifarctlError(f"no images in {folder}; expected <class>/ folders with {', '.join(IMAGE_SUFFIXES)} files")
+    images, ok = _decode_all([str(f) for f in files], f"importing {split}", reporter, report)
+    if not len(images):
+        raise CifarctlError(f"none of the images in {folder} could be read")
+    return images, np.asarray(labels, dtype=np.int64)[ok]
 
 
 def _decode_chunk(paths: list[str]) -> tuple[np.ndarray, list[int], int, list[dict[str, str]]]:

@@ -23,6 +23,18 @@ def check_classes(weights_path: Path, model_classes: list[str], data_classes: li
                          "evaluate it on the dataset it was trained on (--data-dir)")
 
 
+def _dataset_for(weights_path: Path, meta: dict[str, Any], asked: str | None) -> str:
+    """The weights' own dataset (CIFAR-10 for weights that predate the field); a different one
+    asked for is refused: its labels mean other classes."""
+    from cifarctl.config import DEFAULT_DATASET, check_dataset_name
+
+    own = meta.get("dataset") or DEFAULT_DATASET
+    if asked is not None and check_dataset_name(asked) != own:
+        raise UsageError(f"{weights_path} was trained on {own!r}, not {asked!r}; evaluate it on --dataset {own} "
+                         "(or leave --dataset out)")
+    return check_dataset_name(own)
+
+
 def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     """Score `cfg.weights` on a split; returns the JSON-able summary documented in docs/evaluate.md."""
     from cifarctl.data import ensure_dataset
@@ -37,7 +49,8 @@ def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     png = (Path(cfg.output_dir) if cfg.output_dir is not None else weights_path.parent) / CONFUSION_PNG
     if cfg.confusion:
         fsutil.output_target(png)  # a folder or FIFO in the way is refused before the work
-    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
+    dataset = _dataset_for(weights_path, weights.meta, cfg.dataset)
+    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=dataset), reporter)
     check_classes(weights_path, weights.class_names, ds.class_names)
     split = ds.split(cfg.split)
     start = time.perf_counter()
@@ -46,6 +59,7 @@ def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "weights": str(weights_path),
         "model": weights.meta["model"],
+        "dataset": dataset,
         "split": cfg.split,
         "images": ev.total,
         "device": str(device),

@@ -67,7 +67,7 @@ def show_batch(cfg: ShowBatchConfig, reporter: Reporter) -> Batch:
     fsutil.output_target(cfg.out)  # a folder or FIFO in the way is refused before any work
     weights_path = weights_file(cfg.weights) if cfg.weights is not None else None
     weights = load_weights(weights_path) if weights_path is not None else None  # bad files fail before any work
-    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
+    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=cfg.dataset), reporter)
     split = ds.split(cfg.split)
     if cfg.n > len(split):
         raise UsageError(f"-n {cfg.n} is more than the {len(split):,} images in the {cfg.split} split")

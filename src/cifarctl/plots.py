@@ -14,6 +14,7 @@ from typing import Any
 from cifarctl import fsutil
 
 _RC = {"text.parse_math": False, "text.usetex": False}
+MAX_LABELLED = 20  # classes up to which the confusion matrix labels every class and writes every count
 
 
 @contextlib.contextmanager
@@ -39,15 +40,19 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Loss and test accuracy against training steps, as a PNG."""
-    logs = [r for r in rows if r["kind"] == "log" and r["train_loss"] not in ("", None)]
-    epochs = [r for r in rows if r["kind"] == "epoch" and r.get("test_acc") not in ("", None)]
+    logs = [r for r in rows if r["kind"] == "log" and r.get("train_loss") not in ("", None)]
     with _figure(1, 2, figsize=(10, 4)) as (fig, (ax1, ax2)):
         ax1.plot([int(r["step"]) for r in logs], [float(r["train_loss"]) for r in logs], label="train (running)")
-        ax1.plot([int(r["step"]) for r in epochs], [float(r["test_loss"]) for r in epochs], "o-", label="test")
+        for split in ("val", "test"):
+            points = [r for r in rows if r["kind"] == "epoch" and r.get(f"{split}_acc") not in ("", None)]
+            label = "validation" if split == "val" else "test"
+            steps = [int(r["step"]) for r in points]
+            ax1.plot(steps, [float(r[f"{split}_loss"]) for r in points], "o-", label=label)
+            ax2.plot(steps, [100 * float(r[f"{split}_acc"]) for r in points], "o-", label=label)
         ax1.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
         ax1.legend()
-        ax2.plot([int(r["step"]) for r in epochs], [100 * float(r["test_acc"]) for r in epochs], "o-")
-        ax2.set(xlabel="step", ylabel="test accuracy (%)", title="test accuracy")
+        ax2.legend()
+        ax2.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
         fig.suptitle(title)
@@ -63,15 +68,20 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     n = len(class_names)
     # Colour by the share of each true class, so that classes of different sizes compare.
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    with _figure(figsize=(1.0 + 0.75 * n, 0.5 + 0.7 * n)) as (fig, ax):
+    # Up to 20 classes every cell shows its count; beyond that the figure stays a readable size,
+    # cells are colour only, and every 5th class is labelled (the counts are in --json).
+    side = 0.75 * min(n, MAX_LABELLED) + (0.12 * (n - MAX_LABELLED) if n > MAX_LABELLED else 0)
+    with _figure(figsize=(1.5 + side, 1.0 + side)) as (fig, ax):
         im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-        for t in range(n):
-            for p in range(n):
-                ax.text(p, t, f"{counts[t, p]:,}", ha="center", va="center", fontsize=8,
-                        color="white" if share[t, p] > 0.5 else "black")
-        ax.set_xticks(range(n), class_names, rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_yticks(range(n), class_names)
+        if n <= MAX_LABELLED:
+            for t in range(n):
+                for p in range(n):
+                    ax.text(p, t, f"{counts[t, p]:,}", ha="center", va="center", fontsize=8,
+                            color="white" if share[t, p] > 0.5 else "black")
+        ticks = list(range(0, n, 1 if n <= MAX_LABELLED else 5))
+        ax.set_xticks(ticks, [class_names[i] for i in ticks], rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(ticks, [class_names[i] for i in ticks])
         ax.set(xlabel="predicted class", ylabel="true class", title=title)
         fig.tight_layout()
         _save(fig, path)

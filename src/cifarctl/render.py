@@ -18,6 +18,8 @@ from rich.text import Text
 
 TOP_CONFUSIONS = 5  # the largest off-diagonal counts stand out in the confusion table
 MAX_LISTED = 20  # skipped files listed before "... and N more (see --json)"
+MAX_TABLE_CLASSES = 20  # beyond this the per-class table shows the worst and best classes only
+MAX_MATRIX_CLASSES = 12  # a wider confusion matrix does not fit a terminal: it goes to the PNG only
 
 
 def plain(value: Any) -> Text:
@@ -64,7 +66,7 @@ def _key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
 def download(console: Console, summary: dict[str, Any]) -> None:
     """The per-class table of a dataset cache and what the import converted or skipped."""
     splits = summary["splits"]
-    table = Table(title=plain("CIFAR-10 dataset cache"), title_justify="left")
+    table = Table(title=plain(f"{summary.get('dataset', 'cifar10')} dataset cache"), title_justify="left")
     table.add_column("class")
     for name in splits:
         table.add_column(plain(name), justify="right")
@@ -106,17 +108,37 @@ def evaluate(console: Console, s: dict[str, Any], per_class: bool, confusion: bo
         ("weights", s["weights"]),
     ]))
     if per_class:
-        table = Table(title=plain("per class"), title_justify="left")
-        table.add_column("class")
-        table.add_column("correct / total", justify="right")
-        table.add_column("accuracy", justify="right")
-        for row in s["per_class"]:
-            table.add_row(plain(row["class"]), plain(f"{row['correct']:,} / {row['total']:,}"),
-                          plain(f"{100 * row['accuracy']:.1f}%"))
-        console.print(table)
+        console.print(per_class_table(s["per_class"]))
     if confusion:
-        console.print(confusion_table(s["confusion"], s["class_names"]))
+        if len(s["class_names"]) <= MAX_MATRIX_CLASSES:
+            console.print(confusion_table(s["confusion"], s["class_names"]))
+        else:
+            say(console, f"the {len(s['class_names'])}x{len(s['class_names'])} confusion matrix is too wide for a "
+                         "terminal: see the PNG, or --json")
         say(console, "confusion matrix drawn in ", plain(s["files"]["confusion_png"]))
+
+
+def per_class_table(rows: list[dict[str, Any]]) -> Table:
+    """Correct/total and accuracy per class; with many classes, sorted by accuracy and cut to the
+    worst and best MAX_TABLE_CLASSES / 2 (--json keeps all)."""
+    shown: list[dict[str, Any] | None] = list(rows)
+    title = "per class"
+    if len(rows) > MAX_TABLE_CLASSES:
+        ranked = sorted(rows, key=lambda r: (r["accuracy"], r["class"]))
+        half = MAX_TABLE_CLASSES // 2
+        shown = ranked[:half] + [None] + ranked[-half:]
+        title = f"per class: the {half} worst and {half} best of {len(rows)} (all in --json)"
+    table = Table(title=plain(title), title_justify="left")
+    table.add_column("class")
+    table.add_column("correct / total", justify="right")
+    table.add_column("accuracy", justify="right")
+    for row in shown:
+        if row is None:
+            table.add_row(plain("..."), plain(""), plain(""))
+            continue
+        table.add_row(plain(row["class"]), plain(f"{row['correct']:,} / {row['total']:,}"),
+                      plain(f"{100 * row['accuracy']:.1f}%"))
+    return table
 
 
 def confusion_table(matrix: list[list[int]], class_names: list[str]) -> Table:
@@ -184,3 +206,23 @@ def show_batch(console: Console, s: dict[str, Any]) -> None:
 def dim_line(console: Console, message: str) -> None:
     """A quiet note, such as why the terminal preview was skipped."""
     say(console, styled(message, "dim"))
+
+
+def datasets(console: Console, s: dict[str, Any]) -> None:
+    """One row per cached dataset."""
+    if not s["datasets"]:
+        say(console, "no datasets in ", plain(s["data_dir"]), "; fetch one with `cifarctl download`")
+        return
+    table = Table(title=Text.assemble("datasets in ", plain(s["data_dir"])), title_justify="left")
+    for name, justify in (("name", "left"), ("classes", "right"), ("train", "right"), ("test", "right"),
+                          ("size", "right"), ("source", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for d in s["datasets"]:
+        size = f"{d['bytes'] / 2**20:,.1f} MiB"
+        if d["status"] != "ok":
+            table.add_row(plain(d["name"]), styled(d["status"], "red"), plain(""), plain(""), plain(size), plain(""))
+            continue
+        source = d["source"] + (f" (test split {d['test_split']})" if d.get("test_split") else "")
+        table.add_row(plain(d["name"]), plain(f"{d['classes']:,}"), plain(f"{d['train']:,}"), plain(f"{d['test']:,}"),
+                      plain(size), plain(source))
+    console.print(table)

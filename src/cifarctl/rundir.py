@@ -25,14 +25,15 @@ from cifarctl import fsutil
 from cifarctl.errors import CifarctlError, UsageError
 
 WEIGHTS = "weights.safetensors"
+BEST = "best.safetensors"  # the epoch with the best validation accuracy (--val-split)
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.csv"
 CONFIG = "config.json"
 CURVES = "curves.png"
 LOCK = ".lock"
 LATEST = "latest"
-METRIC_FIELDS = ["kind", "epoch", "step", "images", "lr", "train_loss", "test_loss", "test_acc", "test_acc_plain",
-                 "elapsed_s", "train_s", "images_per_s"]
+METRIC_FIELDS = ["kind", "epoch", "step", "images", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc",
+                 "test_acc_plain", "elapsed_s", "train_s", "images_per_s"]
 
 
 class RunLocked(CifarctlError):
@@ -48,6 +49,10 @@ class RunDir:
     @property
     def weights(self) -> Path:
         return self.root / WEIGHTS
+
+    @property
+    def best(self) -> Path:
+        return self.root / BEST
 
     @property
     def checkpoint(self) -> Path:
@@ -66,12 +71,13 @@ class RunDir:
         return self.root / CURVES
 
     def files(self) -> dict[str, str]:
-        """The run's files by name, as the summary lists them."""
-        return {name: str(getattr(self, name)) for name in ("weights", "checkpoint", "metrics", "config", "curves")}
+        """The run's files by name, as the summary lists them (best only once it exists)."""
+        names = ("weights", "checkpoint", "metrics", "config", "curves") + (("best",) if self.best.exists() else ())
+        return {name: str(getattr(self, name)) for name in names}
 
     def holds_a_run(self) -> bool:
         """True when a run has saved weights or a checkpoint here (what a new run would destroy)."""
-        return any(os.path.lexists(self.root / name) for name in (WEIGHTS, CHECKPOINT))
+        return any(os.path.lexists(self.root / name) for name in (WEIGHTS, CHECKPOINT, BEST))
 
 
 def default_output_dir(model: str, root: Path = Path("runs")) -> Path:
@@ -114,7 +120,7 @@ def create(path: Path) -> RunDir:
 
 def check_outputs(run: RunDir) -> None:
     """Refuse up front, before any training, a run file that exists and is not a regular file."""
-    for path in run.files().values():
+    for path in (*run.files().values(), run.best):
         fsutil.output_target(path)
 
 
@@ -219,10 +225,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def weights_file(path: Path) -> Path:
+def _stderr_line(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def weights_file(path: Path, note: Any = _stderr_line) -> Path:
     """The weights file a command was given: the file itself, or a run directory's (runs/latest
-    included) weights.safetensors. Raises UsageError naming what is missing."""
+    included) weights.safetensors. Raises UsageError naming what is missing.
+
+    `pretrained` names the bundled weights (a file or folder of that name wins, so an existing
+    run called pretrained still works). The default, runs/latest, falls back to them when there
+    is no runs/latest at all, and says so once through `note(message)` (stderr by default), so a
+    fresh install can predict at once.
+    """
+    from cifarctl import pretrained
+
     path = Path(path)
+    if str(path) == pretrained.NAME and not os.path.lexists(path):
+        return pretrained.path()
+    latest = Path("runs") / LATEST
+    if path in (latest, latest / WEIGHTS) and not os.path.lexists(latest) and pretrained.FILE.is_file():
+        if note is not None:
+            note(pretrained.fallback_note())
+        return pretrained.FILE
     if path.is_dir():
         inner = path / WEIGHTS
         if not inner.is_file():
@@ -231,5 +258,5 @@ def weights_file(path: Path) -> Path:
         return inner
     if not os.path.lexists(path):
         raise UsageError(f"weights file {path} does not exist; check the path, or train a model first "
-                         "(`cifarctl train`)")
+                         "(`cifarctl train`), or use --weights pretrained")
     return path

@@ -26,7 +26,7 @@ from cifarctl import __version__, checkpoint, distributed, fsutil, rundir
 from cifarctl.augment import NORMALIZATION, TrainBatches, normalise
 from cifarctl.averaging import Lookahead
 from cifarctl.config import DownloadConfig, TrainConfig, parse_widths
-from cifarctl.data import Dataset, ensure_dataset
+from cifarctl.data import Dataset, dataset_stats, ensure_dataset, stratified_split
 from cifarctl.device import configure, preserved_torch_state, resolve_device
 from cifarctl.distributed import World
 from cifarctl.errors import CifarctlError, Interrupted, UsageError
@@ -38,7 +38,7 @@ from cifarctl.steppers import Stepper, make_stepper
 from cifarctl.weights import save_weights
 
 # Options a resumed run cannot change: they fix the model, the data order or the averaging.
-FIXED_ON_RESUME = ("model", "batch_size", "seed", "width", "lookahead")
+FIXED_ON_RESUME = ("model", "batch_size", "seed", "width", "lookahead", "flip", "dataset", "val_split")
 
 
 class TrainingInterrupted(Interrupted):
@@ -63,6 +63,8 @@ class Run:
     train_y: torch.Tensor  # (N,) int64 on the device
     test_x: torch.Tensor  # (M, 3, 32, 32) normalised, on the device
     test_y: torch.Tensor
+    val_x: torch.Tensor | None  # held-out training images (--val-split), normalised, on the device
+    val_y: torch.Tensor | None
     model: torch.nn.Module
     model_config: dict[str, Any]
     stepper: Stepper
@@ -78,8 +80,14 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     accuracy: float = float("nan")
     accuracy_plain: float = float("nan")
+    tta_used: bool = False  # whether `accuracy` was measured with the recipe's TTA
     train_time: float = 0.0
     trained_images: int = 0
+    # Validation (--val-split): the best epoch so far, epochs since it, and why the run stopped early.
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "val_accuracy": -1.0, "since": 0})
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    stop_reason: str | None = None
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -135,7 +143,7 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
     if world.is_main:
         _write_config(run)
     with _stop_signals() as caught:
-        while run.epoch < cfg.epochs:
+        while run.epoch < cfg.epochs and run.stop_reason is None:
             run_epoch(run, reporter, caught)
             end_epoch(run, reporter)
     return finish(run, reporter)
@@ -204,11 +212,18 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     """Data on the device, the model, its stepper and the run's generators, in the order that
     makes a seeded run repeatable."""
     _seed_everything(cfg.seed)
-    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir), reporter)
-    mean, std = NORMALIZATION[cfg.normalization]
+    ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=cfg.dataset), reporter)
+    mean, std = NORMALIZATION["tutorial"] if cfg.normalization == "tutorial" else dataset_stats(ds)
     # bf16 runs keep the normalised set in bf16 too: half the memory traffic per gathered batch.
     store = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    train_x = normalise(ds.train.images, mean, std, device).to(store)  # (N, 3, 32, 32)
+    images, labels = ds.train.images, ds.train.labels
+    val_x = val_y = None
+    if cfg.val_split:
+        # Seeded by the run's seed, so a resumed run holds out the same images.
+        kept, held = (torch.as_tensor(i) for i in stratified_split(labels.numpy(), cfg.val_split, cfg.seed))
+        val_x, val_y = normalise(images[held], mean, std, device).to(store), labels[held].to(device)
+        images, labels = images[kept], labels[kept]
+    train_x = normalise(images, mean, std, device).to(store)  # (N, 3, 32, 32)
     test_x = normalise(ds.test.images, mean, std, device).to(store)
     mconfig = {"num_classes": len(ds.class_names)}
     if cfg.width:
@@ -230,9 +245,8 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     global_batch = cfg.batch_size * world.size  # each rank takes batch_size images of every global batch
     steps_per_epoch = math.ceil(len(train_x) / global_batch)
     lookahead = Lookahead(model, steps_per_epoch * cfg.epochs) if cfg.lookahead else None
-    return Run(cfg, world, device, out, ds, mean, std, ds.train.labels.to(device), test_x,
-               ds.test.labels.to(device), model, mconfig, stepper, batches, generators, lookahead,
-               steps_per_epoch, global_batch)
+    return Run(cfg, world, device, out, ds, mean, std, labels.to(device), test_x, ds.test.labels.to(device),
+               val_x, val_y, model, mconfig, stepper, batches, generators, lookahead, steps_per_epoch, global_batch)
 
 
 def restore(run: Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -249,13 +263,18 @@ def restore(run: Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     if run.batches.flip_base is not None:
         run.batches.flip_base.copy_(tensors["flip_base"])
     run.epoch, run.step, run.elapsed = meta["epoch"], meta["step"], meta["elapsed_s"]
+    run.best = {**run.best, **(meta.get("validation") or {})}
+    run.stop_reason = run.best.pop("stop_reason", None)
     run.perm = tensors["perm"].to(run.device) if run.step else None
     done = run.epoch * run.steps_per_epoch + run.step
     run.rows = [r for r in rundir.read_metrics(run.out.metrics) if int(r["step"]) <= done]
-    last = [r for r in run.rows if r["kind"] == "epoch"]
-    if last:
-        run.accuracy = float(last[-1]["test_acc"])
-        run.accuracy_plain = float(last[-1].get("test_acc_plain") or run.accuracy)
+    tested = [r for r in run.rows if r["kind"] == "epoch" and r.get("test_acc")]
+    if tested:
+        run.accuracy = float(tested[-1]["test_acc"])
+        run.accuracy_plain = float(tested[-1].get("test_acc_plain") or run.accuracy)
+    validated = [r for r in run.rows if r["kind"] == "epoch" and r.get("val_acc")]
+    if validated:
+        run.val_accuracy, run.val_loss = float(validated[-1]["val_acc"]), float(validated[-1]["val_loss"])
 
 
 def save_checkpoint(run: Run) -> None:
@@ -269,7 +288,8 @@ def save_checkpoint(run: Run) -> None:
     if run.batches.flip_base is not None:
         tensors["flip_base"] = run.batches.flip_base
     meta = {"epoch": run.epoch, "step": run.step, "elapsed_s": run.seconds(), "config": run.cfg.to_json(),
-            "rng": rng_values, "class_names": run.ds.class_names, "dataset": {"train_count": len(run.train_y)}}
+            "rng": rng_values, "class_names": run.ds.class_names, "dataset": {"train_count": len(run.train_y)},
+            "validation": {**run.best, "stop_reason": run.stop_reason}}
     checkpoint.save(run.out.checkpoint, tensors, meta)
 
 
@@ -339,42 +359,78 @@ def _log_loss(run: Run, reporter: Reporter, task: Any, value: float) -> None:
 
 
 def end_epoch(run: Run, reporter: Reporter) -> None:
-    """Evaluate on the test set, log, and save weights, checkpoint and metrics (rank 0); the other
-    ranks wait. Moves the run to the start of the next epoch."""
-    cfg, row = run.cfg, run.rows[-1]
+    """Score the epoch (validation set if there is one, else the test set), log, and save weights,
+    checkpoint and metrics (rank 0); the other ranks wait for the verdict. Moves the run to the
+    start of the next epoch, or stops it early (--patience)."""
     run.epoch, run.step, run.perm = run.epoch + 1, 0, None
     if not run.world.is_main:
         run.rows.pop()
-        distributed.barrier()  # rank 0 evaluates every test image once and writes the files
+        run.stop_reason = distributed.broadcast_text(None) or None  # rank 0 evaluates and decides
         return
-    bf16 = cfg.precision == "bf16"
-    ev_plain = evaluate(run.model, run.test_x, run.test_y, len(run.ds.class_names), bf16=bf16)
-    # TTA costs a forward pass per view: measure it on the final epoch only.
-    tta = cfg.tta != "none" and run.epoch == cfg.epochs
-    ev = evaluate(run.model, run.test_x, run.test_y, len(run.ds.class_names), tta=cfg.tta, bf16=bf16) \
-        if tta else ev_plain
-    run.accuracy, run.accuracy_plain = ev.accuracy, ev_plain.accuracy
+    row = run.rows[-1]
+    if run.val_x is not None:
+        _validate(run, reporter, row)
+    last = run.epoch == run.cfg.epochs or run.stop_reason is not None
+    if run.val_x is None or last:  # with a validation split the test set is scored once, at the end
+        _score_test(run, reporter, row, tta=last and run.cfg.tta != "none")
     row.update({"step": run.epoch * run.steps_per_epoch, "images": run.epoch * len(run.train_y),
-                "test_loss": f"{ev.loss:.5f}", "test_acc": f"{ev.accuracy:.5f}",
-                "test_acc_plain": f"{ev_plain.accuracy:.5f}", "elapsed_s": f"{run.seconds():.2f}"})
-    tta_note = f", {100 * ev.accuracy:.2f}% with {cfg.tta} TTA" if tta else ""
-    reporter.log(f"epoch {run.epoch}: test accuracy {100 * ev_plain.accuracy:.2f}%{tta_note}  "
-                 f"(loss {ev.loss:.3f}, {row['train_s']} s)")
-    save_weights(run.out.weights, run.model.state_dict(), _weights_meta(run, ev.accuracy, tta))
+                "elapsed_s": f"{run.seconds():.2f}"})
+    save_weights(run.out.weights, run.model.state_dict(), _weights_meta(run))
     save_checkpoint(run)
     rundir.write_metrics(run.out.metrics, run.rows)
     rundir.point_latest(run.out, reporter.log)  # only once the run has weights
     if run.world.enabled:
-        distributed.barrier()
+        distributed.broadcast_text(run.stop_reason or "")
 
 
-def _weights_meta(run: Run, accuracy: float, tta: bool) -> dict[str, Any]:
+def _score_test(run: Run, reporter: Reporter, row: dict[str, Any], tta: bool) -> None:
+    """Test accuracy (TTA costs a forward pass per view: on the final epoch only)."""
+    cfg, classes = run.cfg, len(run.ds.class_names)
+    bf16 = cfg.precision == "bf16"
+    ev_plain = evaluate(run.model, run.test_x, run.test_y, classes, bf16=bf16)
+    ev = evaluate(run.model, run.test_x, run.test_y, classes, tta=cfg.tta, bf16=bf16) if tta else ev_plain
+    run.accuracy, run.accuracy_plain, run.tta_used = ev.accuracy, ev_plain.accuracy, tta
+    row.update({"test_loss": f"{ev.loss:.5f}", "test_acc": f"{ev.accuracy:.5f}",
+                "test_acc_plain": f"{ev_plain.accuracy:.5f}"})
+    tta_note = f", {100 * ev.accuracy:.2f}% with {cfg.tta} TTA" if tta else ""
+    reporter.log(f"epoch {run.epoch}: test accuracy {100 * ev_plain.accuracy:.2f}%{tta_note}  "
+                 f"(loss {ev.loss:.3f}, {row['train_s']} s)")
+
+
+def _validate(run: Run, reporter: Reporter, row: dict[str, Any]) -> None:
+    """Validation accuracy; keep the best epoch's weights in best.safetensors; stop after
+    --patience epochs without improvement."""
     cfg = run.cfg
-    return {"model": cfg.model, "model_config": run.model_config, "class_names": run.ds.class_names,
-            "mean": run.mean, "std": run.std, "epochs": str(run.epoch), "test_accuracy": f"{accuracy:.6f}",
-            "test_accuracy_plain": f"{run.accuracy_plain:.6f}", "tta": cfg.tta if tta else "none",
-            "precision": cfg.precision, "seed": str(cfg.seed), "cifarctl_version": __version__,
-            "torch_version": torch.__version__, "train_config": cfg.to_json()}
+    ev = evaluate(run.model, run.val_x, run.val_y, len(run.ds.class_names), bf16=cfg.precision == "bf16")
+    run.val_accuracy, run.val_loss = ev.accuracy, ev.loss
+    row.update({"val_loss": f"{ev.loss:.5f}", "val_acc": f"{ev.accuracy:.5f}"})
+    improved = ev.accuracy > run.best["val_accuracy"]
+    if improved:
+        run.best = {"epoch": run.epoch, "val_accuracy": ev.accuracy, "since": 0}
+        save_weights(run.out.best, run.model.state_dict(), _weights_meta(run))
+    else:
+        run.best["since"] += 1
+    note = "  best so far" if improved else f"  (best: epoch {run.best['epoch']})"
+    reporter.log(f"epoch {run.epoch}: validation accuracy {100 * ev.accuracy:.2f}% (loss {ev.loss:.3f}, "
+                 f"{row['train_s']} s){note}")
+    if cfg.patience is not None and run.best["since"] >= cfg.patience and run.epoch < cfg.epochs:
+        run.stop_reason = f"no better validation accuracy for {cfg.patience} epochs"
+        reporter.log(f"stopping early after epoch {run.epoch}: {run.stop_reason}; best.safetensors holds "
+                     f"epoch {run.best['epoch']}")
+
+
+def _weights_meta(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
+    meta = {"model": cfg.model, "model_config": run.model_config, "class_names": run.ds.class_names,
+            "dataset": cfg.dataset, "mean": run.mean, "std": run.std, "epochs": str(run.epoch),
+            "tta": cfg.tta if run.tta_used else "none", "precision": cfg.precision, "seed": str(cfg.seed),
+            "cifarctl_version": __version__, "torch_version": torch.__version__, "train_config": cfg.to_json()}
+    if not math.isnan(run.accuracy):
+        meta.update(test_accuracy=f"{run.accuracy:.6f}", test_accuracy_plain=f"{run.accuracy_plain:.6f}")
+    if run.val_accuracy is not None:
+        meta.update(val_split=str(cfg.val_split), val_accuracy=f"{run.val_accuracy:.6f}",
+                    best_epoch=str(run.best["epoch"]), stop_reason=run.stop_reason or "")
+    return meta
 
 
 def _write_config(run: Run) -> None:
@@ -398,6 +454,13 @@ def finish(run: Run, reporter: Reporter) -> dict[str, Any]:
         "test_accuracy": run.accuracy,
         "test_accuracy_plain": run.accuracy_plain,
         "tta": run.cfg.tta,
+        "dataset": run.cfg.dataset,
+        "val_split": run.cfg.val_split,
+        "val_accuracy": run.val_accuracy,
+        "val_loss": run.val_loss,
+        "best_epoch": run.best["epoch"] if run.val_x is not None else None,
+        "stop_reason": run.stop_reason or "epochs",
+        "epochs_run": run.epoch,
         "time_s": round(run.seconds(), 2),
         "train_time_s": round(run.train_time, 2),
         "images_per_s": round(run.trained_images / run.train_time, 1) if run.train_time else None,
