@@ -512,3 +512,34 @@ def silent(conn: socket.socket, stop: threading.Event) -> None:
     """Headers announcing a body, then nothing at all until the client gives up."""
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
     stop.wait(10)
+
+
+# --- CIFAR-100 --------------------------------------------------------------------------------
+
+FINE = [f"fine{i:02d}" for i in range(100)]
+COARSE = [f"coarse{i:02d}" for i in range(20)]
+
+
+def build_cifar100_archive(path: Path, train_per_class: int = 1, test_per_class: int = 1,
+                           seed: int = 0) -> OfficialArchive:
+    """Write a cifar-100-python.tar.gz-like `path`: cifar-100-python/ with train, test and meta,
+    pickled as Python 2 did, fine labels 0..99 and coarse labels fine // 5."""
+    rng = np.random.default_rng(seed)
+    members, arrays = {}, {}
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        fine = np.repeat(np.arange(100), n)
+        rng.shuffle(fine)
+        x = rng.integers(0, 256, size=(len(fine), 32, 32, 3), dtype=np.uint8)
+        rows = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)
+        members[split] = py2_pickle({"filenames": [f"img{i}.png" for i in range(len(x))], "batch_label": split,
+                                     "fine_labels": [int(v) for v in fine],
+                                     "coarse_labels": [int(v) // 5 for v in fine],
+                                     "data": np.ascontiguousarray(rows)})
+        arrays[split] = (x, fine.astype(np.int64))
+    members["meta"] = py2_pickle({"fine_label_names": FINE, "coarse_label_names": COARSE})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        add_dir(tar, "cifar-100-python")
+        for name in ("file.txt~", "train", "test", "meta"):
+            add_bytes(tar, f"cifar-100-python/{name}", members.get(name, b"x"))
+    return OfficialArchive(path, md5_bytes(path.read_bytes()), *arrays["train"], *arrays["test"])

@@ -34,7 +34,7 @@ app = typer.Typer(
     name="cifarctl",
     help="Train, evaluate and use CIFAR-10 image classifiers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
     context_settings={"max_content_width": 100},
@@ -168,8 +168,8 @@ def download(
         error_line(f"--name {name} and --dataset {dataset} disagree; give one of them")
         raise typer.Exit(2)
     cfg = DownloadConfig(force=force, md5=md5, test_split=test_split)
-    if name or dataset:
-        cfg.dataset = name or dataset
+    if name is not None or dataset is not None:
+        cfg.dataset = name if name is not None else dataset
     if data_dir is not None:
         cfg.data_dir = data_dir
     if source is not None:
@@ -483,6 +483,40 @@ def show_batch(
         render.show_batch(out, batch.summary)
 
     _command(json_out, (lambda reporter: work(reporter).summary) if json_out else work, show)
+
+
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(
+        help="A weights file written by `cifarctl train`, a run directory, or pretrained.")] = _E.weights,
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", metavar="FORMAT", help="onnx (run with onnxruntime, no torch) or pt2 (torch.export).")] = "onnx",
+    out: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="The file to write  \\[default: beside the weights, WEIGHTS.onnx or .pt2].")] = None,
+    tta: Annotated[bool, typer.Option(
+        "--tta", help="Bake the weights' test-time augmentation into the graph (costs a forward pass per view).")] = False,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Export a model to ONNX or torch.export (pt2), with its mean/std inside: feed float32 RGB in [0, 1], NCHW, 32x32; get logits.
+
+    Every export is checked before it is written: the file is run on up to 1,000 test images (onnxruntime for ONNX, torch.export.load for pt2) and compared with the PyTorch model; a disagreement beyond float tolerance writes nothing and exits 1. ONNX needs the export extra: pip install 'cifarctl\\[export]'.
+    """
+    from cifarctl import render
+
+    def work(reporter):
+        from cifarctl.export import export_file
+
+        return export_file(weights, fmt, out, tta, data_dir, reporter)
+
+    def show(console, s):
+        check = s["verify"]
+        render.say(console, f"wrote {s['out']} ({s['format']}, {s['bytes']:,} bytes, {s['model']} model, "
+                   f"TTA {s['tta']}) in {s['export_s']:.1f} s")
+        render.say(console, f"verified on {check['images']:,} test images: top-1 agreement "
+                   f"{100 * check['top1_agreement']:.1f}%, max logit difference {check['max_logit_diff']:.2g}")
+
+    _command(json_out, work, show)
 
 
 def main() -> None:

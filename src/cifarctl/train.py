@@ -433,19 +433,28 @@ def _weights_meta(run: Run) -> dict[str, Any]:
     return meta
 
 
-def _write_config(run: Run) -> None:
+def _write_config(run: Run, result: dict[str, Any] | None = None) -> None:
+    """config.json: the full config, where it ran, and (once finished) how the run ended."""
     fsutil.write_text(run.out.config, json.dumps(
         {**run.cfg.to_json(), "device_resolved": str(run.device), "world_size": run.world.size,
-         "cifarctl_version": __version__, "torch_version": torch.__version__}, indent=2) + "\n")
+         "cifarctl_version": __version__, "torch_version": torch.__version__,
+         **({"result": result} if result else {})}, indent=2) + "\n")
 
 
 def finish(run: Run, reporter: Reporter) -> dict[str, Any]:
     """Draw the curves and return the run's summary."""
     from cifarctl.plots import plot_curves
 
+    summary = _summary(run)
     if run.world.is_main:
         plot_curves(run.rows, run.out.curves, f"{run.cfg.model}: {100 * run.accuracy:.2f}% test accuracy")
         rundir.point_latest(run.out, reporter.log)
+        _write_config(run, {k: summary[k] for k in ("test_accuracy", "val_split", "val_accuracy", "best_epoch",
+                                                    "stop_reason", "epochs_run", "time_s", "train_time_s")})
+    return summary
+
+
+def _summary(run: Run) -> dict[str, Any]:
     return {
         "run_dir": str(run.out.root),
         "weights": str(run.out.weights),
