@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarctl import fsutil
+from cifarctl import tensorfile
 from cifarctl.errors import UsageError
 
 
@@ -56,25 +56,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], values: dict[str, Any],
 
 def save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write a checkpoint atomically; `meta` must be JSON-able."""
-    from safetensors.torch import save_file
-
-    flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    with fsutil.atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"cifarctl_checkpoint": json.dumps(meta)})
+    tensorfile.save(path, tensors, {"cifarctl_checkpoint": json.dumps(meta)})
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint written by `save`, checked by `validate`."""
-    from safetensors import safe_open
-
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}; is it a cifarctl run directory?")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("cifarctl_checkpoint")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises several types for damaged files
-        raise UsageError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:80]}); start a new run") from err
+        tensors, metadata = tensorfile.load(path)
+    except tensorfile.TensorFileError as err:
+        raise UsageError(f"checkpoint {path} is {err}; start a new run") from err
+    text = metadata.get("cifarctl_checkpoint")
     if text is None:
         raise damaged(path, "no cifarctl_checkpoint metadata")
     try:

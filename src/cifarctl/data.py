@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cifarctl import fsutil
+from cifarctl import fsutil, tensorfile
 from cifarctl.archive import safe_extract, tar_names
 from cifarctl.config import (DEFAULT_DATASET, MAX_CLASSES, MIN_CLASSES, DownloadConfig, check_dataset_name)
 from cifarctl.errors import CifarctlError, UsageError
@@ -110,16 +110,10 @@ def _check_content(meta: dict[str, str], arrays: dict[str, Any]) -> None:
 def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
     """Open and check a cache file; raises _InvalidCache naming what is wrong. `verify` also
     recomputes the content checksums, which reads every byte."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise _InvalidCache("missing")
     try:
-        with safe_open(str(path), framework=framework) as f:
-            meta = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises several types for truncated or garbled files
-        raise _InvalidCache(f"unreadable: {err}") from err
+        arrays, meta = tensorfile.load(path, framework)
+    except tensorfile.TensorFileError as err:
+        raise _InvalidCache(str(err)) from err
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise _InvalidCache(f"format {meta.get('format')!r} version {meta.get('format_version')!r}")
     try:
@@ -395,17 +389,18 @@ def _summary(ds: Dataset, cache: Path, status: str, converted: int = 0, skipped:
 def _write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> Dataset:
     """Write the cache atomically; the new file is read back and verified before it replaces the
     old one, so a failed rebuild never costs a valid cache. Returns the verified dataset."""
-    from safetensors.numpy import save_file
-
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = {**meta, "crc32": json.dumps(_digests(arrays))}
-    with fsutil.atomic_path(cache) as tmp:
-        save_file(arrays, str(tmp), metadata=meta)
+    verified: list[Dataset] = []
+
+    def check(tmp: Path) -> None:
         try:
-            ds = _read_cache(tmp, "np", verify=True)
+            verified.append(_read_cache(tmp, "np", verify=True))
         except _InvalidCache as err:
             raise CifarctlError(f"the new cache for {cache} did not verify ({err}); the old one is kept") from err
-    return ds
+
+    tensorfile.save(cache, arrays, meta, check=check)
+    return verified[0]
 
 
 def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, Release | None]:

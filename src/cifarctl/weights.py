@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarctl import fsutil
+from cifarctl import tensorfile
 from cifarctl.errors import UsageError
 
 WEIGHTS_FORMAT = "cifarctl-weights"
@@ -48,12 +48,7 @@ def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
 
 def save_weights(path: Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write a state dict plus metadata atomically. `meta` must name `model` and its `model_config`."""
-    from safetensors.torch import save_file
-
-    # Copies break any sharing of storage (safetensors refuses shared tensors) and leave the device.
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    with fsutil.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=encode_metadata({"format": WEIGHTS_FORMAT, **meta}))
+    tensorfile.save(path, state_dict, encode_metadata({"format": WEIGHTS_FORMAT, **meta}))
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -238,12 +233,10 @@ def _check_entries(path: Path, model: str, entries: dict[str, Any], expected: di
 def _read_tensors(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
     """Every tensor, float ones widened to the model's dtype and checked to be finite."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        tensors, _ = tensorfile.load(path)
+    except tensorfile.TensorFileError as err:
         raise UsageError(f"{path} is truncated or corrupt ({err})") from err
     for key, value in expected.items():
         if value.dtype.is_floating_point:
