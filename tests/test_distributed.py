@@ -92,3 +92,16 @@ def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path: Path) -> 
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0, out
     assert time.monotonic() - start < 60
+
+
+def test_compile_composes_with_ddp(tmp_path: Path) -> None:
+    """--compile --nproc 2 trains through torch.compile(DDP(model)): graphs are captured, not silently dropped."""
+    import json
+
+    data_dir = write_tiny_cache(tmp_path / "data", n_train=64, n_test=16)
+    proc = _train(data_dir, tmp_path / "run", "--nproc", "2", "-b", "8", "--epochs", "1", "--compile",
+                  "--json", env={"OMP_NUM_THREADS": "1"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["world_size"] == 2 and summary["compiled_graphs"] >= 1

@@ -3,7 +3,6 @@ metadata, check themselves before they are written, and run in `predict` without
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -81,20 +80,27 @@ def test_onnx_metadata(weights: Path, tiny_data_dir: Path, tmp_path: Path, legac
     assert meta["tta"] == "none" and meta["cifarctl_version"] and meta["format"] == "cifarctl-onnx"
 
 
-def test_dynamo_export_with_tta_matches_pytorch(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """--tta bakes the weights' TTA into the graph (dynamo exporter): the logits are PyTorch's with TTA."""
+def test_tta_export_matches_pytorch(tiny_data_dir: Path, tmp_path: Path, legacy) -> None:
+    """--tta bakes the weights' TTA into the graph: its logits are what PyTorch computes with TTA."""
     from cifarctl.metrics import predict_logits
 
     w = fast_weights(tmp_path / "fast.safetensors", "flip-translate")
-    summary = export.export_file(w, "onnx", tmp_path / "fast.onnx", tta=True, data_dir=tiny_data_dir,
-                                 exporter="dynamo")
-    assert summary["exporter"] == "dynamo" and summary["tta"] == "flip-translate"
-    assert props(tmp_path / "fast.onnx")["tta"] == "flip-translate"
+    summary = export.export_file(w, "onnx", tmp_path / "fast.onnx", tta=True, data_dir=tiny_data_dir)
+    assert summary["tta"] == "flip-translate" and props(tmp_path / "fast.onnx")["tta"] == "flip-translate"
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     sess = ort.InferenceSession(str(tmp_path / "fast.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"pixels": images.transpose(0, 3, 1, 2).astype(np.float32) / 255})[0]
     expected = predict_logits(load_weights(w), images).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter(weights: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """With onnxscript installed the default is torch.export's ONNX exporter, and its file verifies too."""
+    pytest.importorskip("onnxscript")
+    summary = export.export_file(weights, "onnx", tmp_path / "m.onnx", data_dir=tiny_data_dir)
+    assert summary["exporter"] == "dynamo" and summary["verify"]["top1_agreement"] == 1.0
+    assert json.loads(props(tmp_path / "m.onnx")["class_names"]) == list(CLASSES)
 
 
 def test_tta_is_off_by_default(tiny_data_dir: Path, tmp_path: Path, legacy) -> None:
@@ -211,8 +217,10 @@ def test_bad_onnx_file_is_refused(tmp_path: Path) -> None:
     result = cli("predict", img, "--weights", bad)
     assert result.exit_code == 2 and "not a valid ONNX model" in result.stderr
     plain = tmp_path / "plain.onnx"
-    buf = io.BytesIO()
-    torch.onnx.export(torch.nn.Flatten(), (torch.rand(1, 3, 32, 32),), buf, dynamo=False)
-    plain.write_bytes(buf.getvalue())
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 32, 32])]))
+    plain.write_bytes(model.SerializeToString())
     result = cli("predict", img, "--weights", plain)
     assert result.exit_code == 2 and "format=cifarctl-onnx" in result.stderr

@@ -74,6 +74,15 @@ class AutogradStepper:
         self.opt.step()
         return loss.detach().float()
 
+    def compiled_graphs(self) -> int:
+        """How many graphs torch.compile has captured in this process (0 when not compiling): the
+        proof that compiling really happened, under DDP too."""
+        if not self.compiled:
+            return 0
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]

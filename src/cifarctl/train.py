@@ -475,6 +475,7 @@ def _summary(run: Run) -> dict[str, Any]:
         "images_per_s": round(run.trained_images / run.train_time, 1) if run.train_time else None,
         "device": str(run.device),
         "world_size": run.world.size,
+        "compiled_graphs": getattr(run.stepper, "compiled_graphs", lambda: 0)(),
         "seed": run.cfg.seed,
         "files": run.out.files(),
     }
