@@ -4,6 +4,7 @@ disk, and a restricted unpickler for the CIFAR-10 python batches."""
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
@@ -11,9 +12,11 @@ import os
 import pickle
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from cifarctl.config import env_number
 from cifarctl.errors import CifarctlError, UsageError
 
 # The official archive unpacks to about 178 MB; 8 GiB admits any image-folder dataset a laptop
@@ -49,17 +52,7 @@ _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 def max_import_bytes() -> int:
     """The unpacked-size ceiling for archives: $CIFARCTL_MAX_IMPORT_BYTES, else DEFAULT_MAX_IMPORT_BYTES."""
-    raw = os.environ.get(_ENV_MAX_IMPORT, "").strip()
-    if not raw:
-        return DEFAULT_MAX_IMPORT_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise UsageError(f"{_ENV_MAX_IMPORT}={raw!r} is not a positive whole number of bytes; "
-                         f"set it to e.g. {2 * DEFAULT_MAX_IMPORT_BYTES} or unset it")
-    return value
+    return env_number(_ENV_MAX_IMPORT, DEFAULT_MAX_IMPORT_BYTES, int)
 
 
 class _Bounded:
@@ -172,8 +165,7 @@ def safe_extract(archive: Path, dest: Path, *, max_bytes: int | None = None,
     limit = max_import_bytes() if max_bytes is None else max_bytes
     dest = dest.resolve()
     try:
-        tar, streams = _open_tar(archive, limit)
-        try:
+        with _opened_tar(archive, limit) as tar:
             members = _scan(tar, archive, limit, max_members)
             for member in members:
                 reason = _unsafe_reason(member)
@@ -182,12 +174,20 @@ def safe_extract(archive: Path, dest: Path, *, max_bytes: int | None = None,
                 if reason:
                     raise CifarctlError(f"refusing {archive.name}: member {member.name!r} is {reason}")
             return _write_members(tar, members, dest, archive, limit)
-        finally:
-            tar.close()
-            for stream in streams:
-                stream.close()
     except _READ_ERRORS as err:
         raise _read_error(archive, err) from err
+
+
+@contextlib.contextmanager
+def _opened_tar(archive: Path, limit: int) -> Iterator[tarfile.TarFile]:
+    """The archive as a streaming tar bounded to `limit` decompressed bytes; closed afterwards."""
+    tar, streams = _open_tar(archive, limit)
+    try:
+        yield tar
+    finally:
+        tar.close()
+        for stream in streams:
+            stream.close()
 
 
 def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path, archive: Path,
@@ -234,13 +234,8 @@ def tar_names(archive: Path, *, max_bytes: int | None = None,
     as `safe_extract` (reading the headers of a gzip bomb would otherwise decompress all of it)."""
     limit = max_import_bytes() if max_bytes is None else max_bytes
     try:
-        tar, streams = _open_tar(archive, limit)
-        try:
+        with _opened_tar(archive, limit) as tar:
             return [m.name for m in _scan(tar, archive, limit, max_members)]
-        finally:
-            tar.close()
-            for stream in streams:
-                stream.close()
     except _READ_ERRORS as err:
         raise _read_error(archive, err) from err
 

@@ -31,6 +31,25 @@ def _env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name) or default)
 
 
+def env_number(name: str, default: float, kind: type = float) -> Any:
+    """A positive number from environment variable `name`, else `default`; a bad value is a UsageError
+    (the limits and deadlines of downloads and imports are set this way)."""
+    from cifarctl.errors import UsageError
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if not value > 0 or value == float("inf"):
+        unit = "bytes" if kind is int else "seconds"
+        raise UsageError(f"{name}={raw!r} is not a positive number of {unit}; set it to e.g. {kind(default)} "
+                         "or unset it")
+    return value
+
+
 def _env_dataset() -> str:
     return os.environ.get("CIFARCTL_DATASET") or DEFAULT_DATASET
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cifarctl.config import env_number
 from cifarctl.errors import CifarctlError, UsageError
 from cifarctl.progress import Reporter
 
@@ -67,25 +68,9 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _env_number(name: str, default: float, kind: type = float) -> Any:
-    """A positive number from environment variable `name`, else `default`; a bad value is a UsageError."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = 0
-    if not value > 0 or value == float("inf"):
-        unit = "bytes" if kind is int else "seconds"
-        raise UsageError(f"{name}={raw!r} is not a positive number of {unit}; set it to e.g. {kind(default)} "
-                         "or unset it")
-    return value
-
-
 def max_download_bytes() -> int:
     """The size ceiling for downloads of unknown size: $CIFARCTL_MAX_DOWNLOAD_BYTES, else DEFAULT_MAX_DOWNLOAD_BYTES."""
-    return _env_number(ENV_MAX_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES, int)
+    return env_number(ENV_MAX_BYTES, DEFAULT_MAX_DOWNLOAD_BYTES, int)
 
 
 def _limits(max_bytes: int | None, idle_s: float | None, total_s: float | None) -> _Limits:
@@ -97,10 +82,10 @@ def _limits(max_bytes: int | None, idle_s: float | None, total_s: float | None) 
         max_fix = f"this is more than the file should hold; check the URL, or {_LOCAL_COPY}"
     idle_fix = env_fix.format(ENV_IDLE_TIMEOUT, "more seconds to wait longer")
     if idle_s is None:
-        idle_s = _env_number(ENV_IDLE_TIMEOUT, DEFAULT_IDLE_TIMEOUT_S)
+        idle_s = env_number(ENV_IDLE_TIMEOUT, DEFAULT_IDLE_TIMEOUT_S)
     total_fix = env_fix.format(ENV_TOTAL_TIMEOUT, "more seconds to allow longer")
     if total_s is None:
-        total_s = _env_number(ENV_TOTAL_TIMEOUT, DEFAULT_TOTAL_TIMEOUT_S)
+        total_s = env_number(ENV_TOTAL_TIMEOUT, DEFAULT_TOTAL_TIMEOUT_S)
     return _Limits(max_bytes, max_fix, idle_s, idle_fix, None if total_s == float("inf") else total_s, total_fix)
 
 

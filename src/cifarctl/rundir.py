@@ -46,29 +46,12 @@ class RunDir:
 
     root: Path
 
-    @property
-    def weights(self) -> Path:
-        return self.root / WEIGHTS
-
-    @property
-    def best(self) -> Path:
-        return self.root / BEST
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def curves(self) -> Path:
-        return self.root / CURVES
+    weights = property(lambda self: self.root / WEIGHTS)
+    best = property(lambda self: self.root / BEST)
+    checkpoint = property(lambda self: self.root / CHECKPOINT)
+    metrics = property(lambda self: self.root / METRICS)
+    config = property(lambda self: self.root / CONFIG)
+    curves = property(lambda self: self.root / CURVES)
 
     def files(self) -> dict[str, str]:
         """The run's files by name, as the summary lists them (best only once it exists)."""
