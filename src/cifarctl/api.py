@@ -117,8 +117,19 @@ def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
 
 
 @dataclass
-class TrainResult:
-    """What `cifarctl train --json` prints."""
+class _Result:
+    """Fields named like the keys of a command's `--json` output; keys a newer core adds and this
+    class does not name yet land in `extra`, so that an upgrade never breaks a caller."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The same object `--json` prints."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**values, **getattr(self, "extra", {})}
+
+
+@dataclass
+class TrainResult(_Result):
+    """What `cifarctl train --json` prints (docs/train.md)."""
 
     run_dir: str
     weights: str
@@ -134,11 +145,20 @@ class TrainResult:
     world_size: int
     seed: int
     files: dict[str, str] = field(default_factory=dict)
+    dataset: str | None = None
+    val_split: float = 0.0
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    best_epoch: int | None = None
+    stop_reason: str = "epochs"
+    epochs_run: int | None = None
+    compiled_graphs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class EvaluateResult:
-    """What `cifarctl evaluate --json` prints."""
+class EvaluateResult(_Result):
+    """What `cifarctl evaluate --json` prints (docs/evaluate.md)."""
 
     weights: str
     model: str
@@ -156,6 +176,8 @@ class EvaluateResult:
     per_class: list[dict[str, Any]]
     confusion: list[list[int]]
     files: dict[str, str] = field(default_factory=dict)
+    dataset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # `cifarctl train` options that the API takes by the same name (underscores for dashes).
@@ -170,9 +192,10 @@ def _reporter(progress: bool) -> Reporter:
 
 
 def _result(cls: type, summary: dict[str, Any]) -> Any:
-    """A result dataclass from a core summary; keys a newer core adds are kept out rather than fatal."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in summary.items() if k in names})
+    """A result dataclass from a core summary."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return cls(**{k: v for k, v in summary.items() if k in names},
+               extra={k: v for k, v in summary.items() if k not in names})
 
 
 def train(*, resume: str | Path | None = None, gpu: bool = False, progress: bool = True,

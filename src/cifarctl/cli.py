@@ -204,87 +204,121 @@ _OUTPUT = "Output"
 _SCALE = "Devices and scale-out"
 
 
+# The options of `train`, one alias each, so that the command reads as its list of options.
+_Model = Annotated[Optional[ModelName], typer.Option(
+    "--model", "-m", metavar="NAME", help=f"Network to train: tutorial, fast or resnet18  \\[default: {_T.model}].",
+    rich_help_panel=_RECIPE)]
+_BatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", min=1, metavar="N", help=f"Images per step  \\[default: {_T.batch_size}].",
+    rich_help_panel=_RECIPE)]
+_Epochs = Annotated[Optional[int], typer.Option(
+    min=1, metavar="N", help=f"Passes over the training set  \\[default: {_T.epochs}].", rich_help_panel=_RECIPE)]
+_Lr = Annotated[Optional[float], typer.Option(
+    "--lr", help=f"Learning rate  \\[default: {_T.lr}].", rich_help_panel=_RECIPE)]
+_Momentum = Annotated[Optional[float], typer.Option(
+    help=f"SGD momentum  \\[default: {_T.momentum}].", rich_help_panel=_RECIPE)]
+_WeightDecay = Annotated[Optional[float], typer.Option(
+    "--weight-decay", help=f"L2 weight decay  \\[default: {_T.weight_decay}].", rich_help_panel=_RECIPE)]
+_BiasLrScale = Annotated[Optional[float], typer.Option(
+    "--bias-lr-scale", help="Learning-rate multiplier for biases and BatchNorm shifts  "
+    f"\\[default: {_T.bias_lr_scale}].", rich_help_panel=_RECIPE)]
+_Seed = Annotated[Optional[int], typer.Option(
+    help="Random seed  \\[default: a fresh one, recorded in the run].", rich_help_panel=_RECIPE)]
+_Deterministic = Annotated[Optional[bool], typer.Option(
+    "--deterministic", help="Use deterministic kernels only.", rich_help_panel=_SCALE)]
+_LogEvery = Annotated[Optional[int], typer.Option(
+    "--log-every", min=1, metavar="N", help=f"Steps between loss lines  \\[default: {_T.log_every}].",
+    rich_help_panel=_OUTPUT)]
+_Nesterov = Annotated[Optional[bool], typer.Option(
+    "--nesterov/--no-nesterov", help="Nesterov momentum.", rich_help_panel=_RECIPE)]
+_LabelSmoothing = Annotated[Optional[float], typer.Option(
+    "--label-smoothing", help="Label smoothing of the loss.", rich_help_panel=_RECIPE)]
+_Schedule = Annotated[Optional[Schedule], typer.Option(
+    metavar="NAME", help="Learning-rate schedule: constant, or onecycle (warm-up, linear decay).",
+    rich_help_panel=_RECIPE)]
+_WarmupEpochs = Annotated[Optional[float], typer.Option(
+    "--warmup-epochs", help="Warm-up length.", rich_help_panel=_RECIPE)]
+_Flip = Annotated[Optional[Flip], typer.Option(
+    metavar="MODE", help="Horizontal flips: none, random, alternate.", rich_help_panel=_RECIPE)]
+_CropPad = Annotated[Optional[int], typer.Option(
+    "--crop-pad", min=0, metavar="PX", help="Random crops: translate up to N px (reflect pad).", rich_help_panel=_RECIPE)]
+_Cutout = Annotated[Optional[int], typer.Option(
+    min=0, metavar="PX", help="Cutout square side in px (0: off).", rich_help_panel=_RECIPE)]
+_Lookahead = Annotated[Optional[bool], typer.Option(
+    "--lookahead/--no-lookahead", help="Average the weights every 5 steps, more strongly late in the run; the "
+    "final weights are the average.", rich_help_panel=_RECIPE)]
+_Width = Annotated[Optional[str], typer.Option(
+    help="Channel widths of --model fast, e.g. 32,96,192.", rich_help_panel=_RECIPE)]
+_Precision = Annotated[Optional[Precision], typer.Option(
+    metavar="NAME", help="fp32, or bf16 autocast.", rich_help_panel=_SCALE)]
+_ChannelsLast = Annotated[Optional[bool], typer.Option(
+    "--channels-last/--no-channels-last", help="NHWC memory layout.", rich_help_panel=_SCALE)]
+_CompileModel = Annotated[Optional[bool], typer.Option(
+    "--compile/--no-compile", help="torch.compile the model (slow to start).", rich_help_panel=_SCALE)]
+_Tta = Annotated[Optional[TTA], typer.Option(
+    metavar="MODE", help="Test-time augmentation: none, flip, flip-translate.", rich_help_panel=_RECIPE)]
+_Normalization = Annotated[Optional[Normalization], typer.Option(
+    metavar="NAME", help="tutorial ([-1, 1]) or dataset (CIFAR-10 mean/std).", rich_help_panel=_RECIPE)]
+_OutputDir = Annotated[Optional[Path], typer.Option(
+    "--output-dir", "-o", help="Run directory  \\[default: runs/<model>-<timestamp>].",
+    rich_help_panel=_OUTPUT)]
+_Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Let -o name a folder that already holds a run, and replace that run.",
+    rich_help_panel=_OUTPUT)]
+_Resume = Annotated[Optional[Path], typer.Option(
+    "--resume", help="Continue the run in this directory (or runs/latest) where it stopped.",
+    rich_help_panel=_OUTPUT)]
+_Nproc = Annotated[Optional[int], typer.Option(
+    "--nproc", min=1, metavar="N", help="Train data-parallel in N processes (torch.distributed.run; NCCL on CUDA, gloo on "
+    "CPU). The global batch is --batch-size x N.", rich_help_panel=_SCALE)]
+_DistTimeout = Annotated[Optional[float], typer.Option(
+    "--dist-timeout", help="Seconds to wait for another process before failing  \\[default: 60].",
+    rich_help_panel=_SCALE)]
+_ValSplit = Annotated[Optional[float], typer.Option(
+    "--val-split", help="Hold out this share of each training class for validation; each epoch then reports "
+    "validation accuracy, best.safetensors keeps the best epoch, and the test set is scored once at the end  "
+    "\\[default: 0].", rich_help_panel="Data")]
+_Patience = Annotated[Optional[int], typer.Option(
+    "--patience", min=1, metavar="N", help="Stop after N epochs without a better validation accuracy (needs "
+    "--val-split).", rich_help_panel=_RECIPE)]
+
+
 @app.command(epilog="Recipes per model (every option above overrides them):\n\n" + describe_presets())
 def train(
-    model: Annotated[Optional[ModelName], typer.Option(
-        "--model", "-m", metavar="NAME", help=f"Network to train: tutorial, fast or resnet18  \\[default: {_T.model}].",
-        rich_help_panel=_RECIPE)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", "-b", min=1, metavar="N", help=f"Images per step  \\[default: {_T.batch_size}].",
-        rich_help_panel=_RECIPE)] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        min=1, metavar="N", help=f"Passes over the training set  \\[default: {_T.epochs}].", rich_help_panel=_RECIPE)] = None,
-    lr: Annotated[Optional[float], typer.Option(
-        "--lr", help=f"Learning rate  \\[default: {_T.lr}].", rich_help_panel=_RECIPE)] = None,
-    momentum: Annotated[Optional[float], typer.Option(
-        help=f"SGD momentum  \\[default: {_T.momentum}].", rich_help_panel=_RECIPE)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(
-        "--weight-decay", help=f"L2 weight decay  \\[default: {_T.weight_decay}].", rich_help_panel=_RECIPE)] = None,
-    bias_lr_scale: Annotated[Optional[float], typer.Option(
-        "--bias-lr-scale", help="Learning-rate multiplier for biases and BatchNorm shifts  "
-        f"\\[default: {_T.bias_lr_scale}].", rich_help_panel=_RECIPE)] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        help="Random seed  \\[default: a fresh one, recorded in the run].", rich_help_panel=_RECIPE)] = None,
-    deterministic: Annotated[Optional[bool], typer.Option(
-        "--deterministic", help="Use deterministic kernels only.", rich_help_panel=_SCALE)] = None,
-    log_every: Annotated[Optional[int], typer.Option(
-        "--log-every", min=1, metavar="N", help=f"Steps between loss lines  \\[default: {_T.log_every}].",
-        rich_help_panel=_OUTPUT)] = None,
-    nesterov: Annotated[Optional[bool], typer.Option(
-        "--nesterov/--no-nesterov", help="Nesterov momentum.", rich_help_panel=_RECIPE)] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(
-        "--label-smoothing", help="Label smoothing of the loss.", rich_help_panel=_RECIPE)] = None,
-    schedule: Annotated[Optional[Schedule], typer.Option(
-        metavar="NAME", help="Learning-rate schedule: constant, or onecycle (warm-up, linear decay).",
-        rich_help_panel=_RECIPE)] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(
-        "--warmup-epochs", help="Warm-up length.", rich_help_panel=_RECIPE)] = None,
-    flip: Annotated[Optional[Flip], typer.Option(
-        metavar="MODE", help="Horizontal flips: none, random, alternate.", rich_help_panel=_RECIPE)] = None,
-    crop_pad: Annotated[Optional[int], typer.Option(
-        "--crop-pad", min=0, metavar="PX", help="Random crops: translate up to N px (reflect pad).", rich_help_panel=_RECIPE)] = None,
-    cutout: Annotated[Optional[int], typer.Option(
-        min=0, metavar="PX", help="Cutout square side in px (0: off).", rich_help_panel=_RECIPE)] = None,
-    lookahead: Annotated[Optional[bool], typer.Option(
-        "--lookahead/--no-lookahead", help="Average the weights every 5 steps, more strongly late in the run; the "
-        "final weights are the average.", rich_help_panel=_RECIPE)] = None,
-    width: Annotated[Optional[str], typer.Option(
-        help="Channel widths of --model fast, e.g. 32,96,192.", rich_help_panel=_RECIPE)] = None,
-    precision: Annotated[Optional[Precision], typer.Option(
-        metavar="NAME", help="fp32, or bf16 autocast.", rich_help_panel=_SCALE)] = None,
-    channels_last: Annotated[Optional[bool], typer.Option(
-        "--channels-last/--no-channels-last", help="NHWC memory layout.", rich_help_panel=_SCALE)] = None,
-    compile_model: Annotated[Optional[bool], typer.Option(
-        "--compile/--no-compile", help="torch.compile the model (slow to start).", rich_help_panel=_SCALE)] = None,
-    tta: Annotated[Optional[TTA], typer.Option(
-        metavar="MODE", help="Test-time augmentation: none, flip, flip-translate.", rich_help_panel=_RECIPE)] = None,
-    normalization: Annotated[Optional[Normalization], typer.Option(
-        metavar="NAME", help="tutorial ([-1, 1]) or dataset (CIFAR-10 mean/std).", rich_help_panel=_RECIPE)] = None,
-    output_dir: Annotated[Optional[Path], typer.Option(
-        "--output-dir", "-o", help="Run directory  \\[default: runs/<model>-<timestamp>].",
-        rich_help_panel=_OUTPUT)] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Let -o name a folder that already holds a run, and replace that run.",
-        rich_help_panel=_OUTPUT)] = False,
-    resume: Annotated[Optional[Path], typer.Option(
-        "--resume", help="Continue the run in this directory (or runs/latest) where it stopped.",
-        rich_help_panel=_OUTPUT)] = None,
+    model: _Model = None,
+    batch_size: _BatchSize = None,
+    epochs: _Epochs = None,
+    lr: _Lr = None,
+    momentum: _Momentum = None,
+    weight_decay: _WeightDecay = None,
+    bias_lr_scale: _BiasLrScale = None,
+    seed: _Seed = None,
+    deterministic: _Deterministic = None,
+    log_every: _LogEvery = None,
+    nesterov: _Nesterov = None,
+    label_smoothing: _LabelSmoothing = None,
+    schedule: _Schedule = None,
+    warmup_epochs: _WarmupEpochs = None,
+    flip: _Flip = None,
+    crop_pad: _CropPad = None,
+    cutout: _Cutout = None,
+    lookahead: _Lookahead = None,
+    width: _Width = None,
+    precision: _Precision = None,
+    channels_last: _ChannelsLast = None,
+    compile_model: _CompileModel = None,
+    tta: _Tta = None,
+    normalization: _Normalization = None,
+    output_dir: _OutputDir = None,
+    overwrite: _Overwrite = False,
+    resume: _Resume = None,
     device: DeviceOpt = None,
     gpu: GpuOpt = False,
-    nproc: Annotated[Optional[int], typer.Option(
-        "--nproc", min=1, metavar="N", help="Train data-parallel in N processes (torch.distributed.run; NCCL on CUDA, gloo on "
-        "CPU). The global batch is --batch-size x N.", rich_help_panel=_SCALE)] = None,
-    dist_timeout: Annotated[Optional[float], typer.Option(
-        "--dist-timeout", help="Seconds to wait for another process before failing  \\[default: 60].",
-        rich_help_panel=_SCALE)] = None,
+    nproc: _Nproc = None,
+    dist_timeout: _DistTimeout = None,
     dataset: DatasetOpt = None,
-    val_split: Annotated[Optional[float], typer.Option(
-        "--val-split", help="Hold out this share of each training class for validation; each epoch then reports "
-        "validation accuracy, best.safetensors keeps the best epoch, and the test set is scored once at the end  "
-        "\\[default: 0].", rich_help_panel="Data")] = None,
-    patience: Annotated[Optional[int], typer.Option(
-        "--patience", min=1, metavar="N", help="Stop after N epochs without a better validation accuracy (needs "
-        "--val-split).", rich_help_panel=_RECIPE)] = None,
+    val_split: _ValSplit = None,
+    patience: _Patience = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -292,17 +326,10 @@ def train(
 
     Writes weights.safetensors, metrics.csv, config.json, curves.png and a checkpoint to the run directory, and points runs/latest at it once it has weights. Ctrl-C or SIGTERM saves a checkpoint; --resume continues. Options given with --resume override the saved run's settings (e.g. more --epochs).
     """
-    from cifarctl import render
-
-    overrides = dict(batch_size=batch_size, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                     bias_lr_scale=bias_lr_scale, device=_device(device, gpu), seed=seed, deterministic=deterministic,
-                     log_every=log_every, nesterov=nesterov, label_smoothing=label_smoothing,
-                     warmup_epochs=warmup_epochs, crop_pad=crop_pad, cutout=cutout, lookahead=lookahead, width=width,
-                     channels_last=channels_last, compile=compile_model, dist_timeout=dist_timeout,
-                     output_dir=output_dir, overwrite=overwrite or None, data_dir=data_dir, model=model,
-                     dataset=dataset, val_split=val_split, patience=patience,
-                     schedule=schedule, flip=flip, precision=precision, tta=tta, normalization=normalization)
-    overrides = {k: (v.value if hasattr(v, "value") else v) for k, v in overrides.items() if v is not None}
+    given = dict(locals())  # every option above; those not given are None
+    given.update(device=_device(device, gpu), compile=compile_model, overwrite=overwrite or None)
+    overrides = {k: given[k] for k in TrainConfig.__dataclass_fields__ if given.get(k) is not None}
+    overrides = {k: (v.value if hasattr(v, "value") else v) for k, v in overrides.items()}
     if nproc is not None and "WORLD_SIZE" not in os.environ:
         _launch_distributed(nproc, resume, overrides)
 
@@ -310,6 +337,8 @@ def train(
         from cifarctl.train import train as train_run
 
         return train_run(_train_config(resume, overrides), reporter, resume=resume, overrides=overrides)
+
+    from cifarctl import render
 
     _command(json_out, work, render.train)
 
