@@ -84,8 +84,12 @@ class _Workspace:
 
     def __init__(self, n: int, classes: int):
         """Allocate everything one step at batch size n with `classes` outputs needs."""
-        m1 = n * 14 * 16
-        m2 = 5 * 5 * n
+        self._conv1(n, n * 14 * 16)
+        self._conv2(n, n * 14 * 16, 5 * 5 * n)
+        self._fully_connected(n, classes)
+
+    def _conv1(self, n: int, m1: int) -> None:
+        """Buffers of conv1 + pool: polyphase input, its im2col, outputs and their gradients."""
         # polyphase planes (c, ry, rx, n, 16, 16); the zero tail absorbs the wide im2col over-read
         self.xp_store = torch.zeros(3 * 4 * n * 256 + 64)
         self.xp = self.xp_store[: 3 * 4 * n * 256].view(3, 2, 2, n, 16, 16)
@@ -106,6 +110,8 @@ class _Workspace:
         self.gp1 = torch.zeros(6, m1)  # garbage columns are never written and stay 0
         self.gp1_poly = self.gp1.as_strided((7, 7, n, 6, 2, 2), (32, 2, 224, m1, 16, 1))  # (i, j, n, c, ry, rx)
 
+    def _conv2(self, n: int, m1: int, m2: int) -> None:
+        """Buffers of conv2 + pool: the gather index of its im2col, outputs and their gradients."""
         a = torch.arange(_A).view(_A, 1, 1, 1, 1, 1, 1, 1)
         b = torch.arange(_A).view(1, _A, 1, 1, 1, 1, 1, 1)
         c = torch.arange(6).view(1, 1, 6, 1, 1, 1, 1, 1)
@@ -135,6 +141,8 @@ class _Workspace:
         self.gp1_out = torch.empty(49, n * 24)  # (i, j, n, c, ry, rx)
         self.gp1_out6 = self.gp1_out.view(7, 7, n, 6, 2, 2)
 
+    def _fully_connected(self, n: int, classes: int) -> None:
+        """Buffers of fc1-fc3, the logits and their gradients."""
         self.h0 = torch.empty(n, 400)
         self.h1 = torch.empty(n, 120)
         self.h2 = torch.empty(n, 84)
@@ -220,9 +228,21 @@ class TutorialSGDStep:
         ws = self._ws.get(n)
         if ws is None:
             ws = self._ws[n] = _Workspace(n, self.classes)
-        w, wt, mb, mom = self.w, self.w_t, self.m, self.momentum
-        sN, sC, sH, sW = x.stride()
+        self._forward(ws, x, n)
+        # the kernels F.cross_entropy and its autograd backward run, so the logits' gradient is bit-identical
+        ls = torch._log_softmax(ws.z, 1, False)
+        loss = torch._C._nn.nll_loss(ls, y, None, 1, -100)
+        gls = _nll_bwd(ws.one, ls, y, None, 1, -100, ws.total_weight)
+        self._backward(ws, torch._log_softmax_backward_data(gls, ls, 1, torch.float32))
+        if self.weight_decay != 0.0:
+            self.buf.add_(self.flat, alpha=self.weight_decay)
+        self.flat.add_(self.buf, alpha=-self.lr)
+        return loss
 
+    def _forward(self, ws: _Workspace, x: torch.Tensor, n: int) -> None:
+        """Logits of batch x into ws.z, keeping what the backward pass needs in ws."""
+        w, wt = self.w, self.w_t
+        sN, sC, sH, sW = x.stride()
         torch.index_select(self.flat, 0, self.sk_idx, out=self.sk)
 
         ws.xp.copy_(x.as_strided((3, 2, 2, n, 16, 16), (sC, sH, sW, sN, 2 * sH, 2 * sW)))
@@ -239,13 +259,10 @@ class TutorialSGDStep:
         torch.addmm(w[7], ws.h1, wt[6], out=ws.h2).relu_()
         torch.addmm(w[9], ws.h2, wt[8], out=ws.z)
 
-        # the kernels F.cross_entropy and its autograd backward run, so the logits' gradient is bit-identical
-        ls = torch._log_softmax(ws.z, 1, False)
-        loss = torch._C._nn.nll_loss(ls, y, None, 1, -100)
-        gls = _nll_bwd(ws.one, ls, y, None, 1, -100, ws.total_weight)
-        gz = torch._log_softmax_backward_data(gls, ls, 1, torch.float32)
-
-        # parameter gradients go straight into the momentum buffers: buf = momentum * buf + grad
+    def _backward(self, ws: _Workspace, gz: torch.Tensor) -> None:
+        """From the logits' gradient gz, the parameter gradients, folded into the momentum buffers:
+        buf = momentum * buf + grad."""
+        w, mb, mom = self.w, self.m, self.momentum
         mb[8].addmm_(gz.t(), ws.h2, beta=mom)
         mb[9].addmv_(gz.t(), ws.ones, beta=mom)
         torch.mm(gz, w[8], out=ws.gh2)
@@ -272,11 +289,6 @@ class TutorialSGDStep:
         # each conv parameter occurs once per pooling-window position in its super-kernel
         torch.index_select(self.gsk, 0, self.gs_idx, out=self.gs.view(-1))
         self.m_conv.addmv_(self.gs.t(), self.ones4, beta=mom)
-
-        if self.weight_decay != 0.0:
-            self.buf.add_(self.flat, alpha=self.weight_decay)
-        self.flat.add_(self.buf, alpha=-self.lr)
-        return loss
 
     def _pool_backward(self, y, p, gp, e, gy):
         """Route gp (C, M) through relu and max-pool to the first maximum of each window of y (1+4, C, M)."""
