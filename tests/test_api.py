@@ -121,3 +121,9 @@ def test_train_module_is_still_the_module() -> None:
     import cifarctl.train as core
 
     assert cifarctl.train is core and callable(cifarctl.train) and callable(core.train)
+
+
+def test_shell_completion_is_offered() -> None:
+    """`cifarctl --install-completion` exists, so a shell can complete commands and options."""
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0 and "--install-completion" in result.output

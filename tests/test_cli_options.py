@@ -23,7 +23,7 @@ def captured(monkeypatch) -> dict[str, Any]:
     """Replace each command's core function by one that records its arguments."""
     seen: dict[str, Any] = {}
 
-    def fake_train(cfg, reporter, resume=None, overrides=None):
+    def fake_train(cfg, reporter, resume=None, overrides=None, **kwargs):
         seen.update(cfg=cfg, resume=resume, overrides=overrides)
         return {"run_dir": "r", "weights": "w", "model": cfg.model, "epochs": cfg.epochs, "test_accuracy": 0.5,
                 "test_accuracy_plain": 0.5, "tta": cfg.tta, "time_s": 1.0, "train_time_s": 1.0, "images_per_s": 1.0,

@@ -278,6 +278,13 @@ _ValSplit = Annotated[Optional[float], typer.Option(
     "--val-split", help="Hold out this share of each training class for validation; each epoch then reports "
     "validation accuracy, best.safetensors keeps the best epoch, and the test set is scored once at the end  "
     "\\[default: 0].", rich_help_panel="Data")]
+_EvalEvery = Annotated[Optional[int], typer.Option(
+    "--eval-every", min=0, metavar="N", help="Score the test set every N epochs; 0: only at the end (the final "
+    "epoch is always scored)  \\[default: 1].", rich_help_panel=_OUTPUT)]
+_Budget = Annotated[Optional[float], typer.Option(
+    "--budget", metavar="SECONDS", help="Fit the run to this many seconds, start to exit: epochs and width are "
+    "planned from a few timed steps, the schedule is set for that length, and a slow-down shortens the end. "
+    "Not with --epochs. fast and resnet18.", rich_help_panel=_RECIPE)]
 _Patience = Annotated[Optional[int], typer.Option(
     "--patience", min=1, metavar="N", help="Stop after N epochs without a better validation accuracy (needs "
     "--val-split).", rich_help_panel=_RECIPE)]
@@ -319,6 +326,8 @@ def train(
     dataset: DatasetOpt = None,
     val_split: _ValSplit = None,
     patience: _Patience = None,
+    eval_every: _EvalEvery = None,
+    budget: _Budget = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -336,7 +345,13 @@ def train(
     def work(reporter):
         from cifarctl.train import train as train_run
 
-        return train_run(_train_config(resume, overrides), reporter, resume=resume, overrides=overrides)
+        import time
+
+        from cifarctl.budget import process_age_s
+
+        started = time.perf_counter() - process_age_s()  # --budget counts from the moment the user pressed Enter
+        return train_run(_train_config(resume, overrides), reporter, resume=resume, overrides=overrides,
+                         started=started)
 
     from cifarctl import render
 

@@ -162,6 +162,9 @@ class TrainConfig:
     dataset: str = field(default_factory=_env_dataset)  # a dataset cached by `cifarctl download`
     val_split: float = 0.0  # share of each training class held out for validation (0: none, as the tutorial)
     patience: int | None = None  # stop after this many epochs without a better validation accuracy
+    eval_every: int = 1  # score the test set every N epochs (0: only at the end); the end always is
+    budget: float | None = None  # seconds for the whole run: epochs and width are planned to fit
+    plan: dict[str, Any] | None = None  # what --budget chose (set by the planner, kept on resume)
     output_dir: Path | None = None  # None: runs/<model>-<timestamp>
     overwrite: bool = False  # allow -o to name a folder that already holds a run
     data_dir: Path = field(default_factory=lambda: _env_path("CIFARCTL_DATA_DIR", "data"))
@@ -189,6 +192,8 @@ class TrainConfig:
         if self.width is not None:
             parse_widths(self.width, self.model)
         check_dataset_name(self.dataset)
+        if self.budget is not None and self.model not in ("fast", "resnet18"):
+            raise UsageError(f"--budget works with --model fast or resnet18, not {self.model}")
         if self.patience is not None and self.val_split == 0:
             raise UsageError("--patience needs a validation split: add --val-split, e.g. 0.1")
 
@@ -227,6 +232,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "dist_timeout": (1, 7 * 24 * 3600),
     "val_split": (0, 0.5),
     "patience": (1, 100_000),
+    "eval_every": (0, 100_000),
+    "budget": (1, 7 * 24 * 3600),
 }
 MAX_WIDTH = 4096  # channels per layer of --width: wider would not fit any machine this runs on
 

@@ -25,6 +25,7 @@ import torch
 from cifarctl import __version__, checkpoint, distributed, fsutil, rundir
 from cifarctl.augment import NORMALIZATION, TrainBatches, normalise
 from cifarctl.averaging import Lookahead
+from cifarctl.budget import process_age_s
 from cifarctl.config import DownloadConfig, TrainConfig, parse_widths
 from cifarctl.data import Dataset, dataset_stats, ensure_dataset, stratified_split
 from cifarctl.device import configure, preserved_torch_state, resolve_device
@@ -88,11 +89,15 @@ class Run:
     val_accuracy: float | None = None
     val_loss: float | None = None
     stop_reason: str | None = None
+    clock: Any = None  # budget.BudgetClock under --budget
+    steps_cap: int | None = None  # the step count --budget shortened the run to
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.epochs
+        """Steps of the whole run: the planned ones, or fewer once --budget had to shorten it."""
+        planned = self.steps_per_epoch * self.cfg.epochs
+        return planned if self.steps_cap is None else min(planned, self.steps_cap)
 
     def seconds(self) -> float:
         """Training seconds of the whole run so far, earlier processes included."""
@@ -100,18 +105,21 @@ class Run:
 
 
 def train(cfg: TrainConfig, reporter: Reporter, resume: Path | None = None,
-          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+          overrides: dict[str, Any] | None = None, started: float | None = None) -> dict[str, Any]:
     """Train (or resume) a run; returns a JSON-able summary. Raises CifarctlError subclasses.
 
-    Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 alone reports and writes
-    files. Torch's process-wide settings are as they were when it returns.
+    `started` (a time.perf_counter() value) is when the user's clock started for --budget: the
+    CLI passes its process start; by default, now. Under torchrun (WORLD_SIZE > 1) every process
+    calls this; rank 0 alone reports and writes files. Torch's process-wide settings are as they
+    were when it returns.
     """
     world = distributed.world_from_env()
+    started = time.perf_counter() if started is None else started
     with preserved_torch_state():
         if not world.enabled:
-            return _train(cfg, reporter, resume, overrides, world)
+            return _train(cfg, reporter, resume, overrides, world, started)
         try:
-            return _train(cfg, reporter if world.is_main else Reporter(), resume, overrides, world)
+            return _train(cfg, reporter if world.is_main else Reporter(), resume, overrides, world, started)
         except (RuntimeError, torch.distributed.DistBackendError) as err:
             raise distributed.collective_error(err) from err
         finally:
@@ -119,24 +127,30 @@ def train(cfg: TrainConfig, reporter: Reporter, resume: Path | None = None,
 
 
 def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides: dict[str, Any] | None,
-           world: World) -> dict[str, Any]:
+           world: World, started: float) -> dict[str, Any]:
     cfg, resume_dir = resolve_config(cfg, resume, overrides)
     device = _join(cfg, world)
     out = _output_dir(cfg, resume_dir, world)
     if not world.is_main:
-        return _train_in(cfg, out, resume_dir is not None, reporter, world, device)
+        return _train_in(cfg, out, resume_dir is not None, reporter, world, device, started)
     with rundir.locked(out):
         rundir.clean_stale(out)
         rundir.check_outputs(out)
         if resume_dir is None:
             rundir.refuse_existing(out, cfg.overwrite)
-        return _train_in(cfg, out, resume_dir is not None, reporter, world, device)
+        return _train_in(cfg, out, resume_dir is not None, reporter, world, device, started)
 
 
 def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter, world: World,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, started: float) -> dict[str, Any]:
     state = checkpoint.load(out.checkpoint) if resuming else None
-    run = setup(cfg, out, device, world, reporter, fresh=state is None)
+    run = setup(cfg, out, device, world, reporter, fresh=state is None, started=started)
+    if cfg.plan is not None:
+        from cifarctl.budget import BudgetClock
+
+        # A resumed run has the budget its first process left; a new one counts from `started`.
+        spent = run.elapsed if state is not None else time.perf_counter() - started
+        run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"])
     if state is not None:
         restore(run, *state)
         reporter.log(f"resuming {out.root} at epoch {run.epoch + 1}, step {run.step}")
@@ -167,6 +181,8 @@ def resolve_config(cfg: TrainConfig, resume: Path | None,
         cfg.output_dir = run.root
     elif cfg.seed is None:
         cfg.seed = secrets.randbelow(2**31)
+    if cfg.budget is not None and overrides.get("epochs") is not None and run is None:
+        raise UsageError("--budget plans the number of epochs itself; give --budget or --epochs, not both")
     cfg.validate()
     return cfg, run
 
@@ -208,7 +224,7 @@ def _output_dir(cfg: TrainConfig, resume_dir: RunDir | None, world: World) -> Ru
 
 
 def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, reporter: Reporter,
-          fresh: bool) -> Run:
+          fresh: bool, started: float | None = None) -> Run:
     """Data on the device, the model, its stepper and the run's generators, in the order that
     makes a seeded run repeatable."""
     _seed_everything(cfg.seed)
@@ -225,6 +241,11 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
         images, labels = images[kept], labels[kept]
     train_x = normalise(images, mean, std, device).to(store)  # (N, 3, 32, 32)
     test_x = normalise(ds.test.images, mean, std, device).to(store)
+    if cfg.budget is not None and cfg.plan is None:
+        from cifarctl.budget import plan_run
+
+        plan_run(cfg, train_x, len(test_x), len(ds.class_names), device, reporter,
+                 time.perf_counter() - (started or time.perf_counter()))  # sets epochs and width
     mconfig = {"num_classes": len(ds.class_names)}
     if cfg.width:
         mconfig["widths"] = parse_widths(cfg.width, cfg.model)
@@ -308,6 +329,8 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
         task.update(first)
         for i in range(first, run.steps_per_epoch):
             global_step = run.epoch * run.steps_per_epoch + i
+            if run.clock is not None and not _within_budget(run, global_step):
+                break
             if cfg.schedule != "constant":
                 run.stepper.set_lr(lr_at(cfg, global_step, run.total_steps, run.steps_per_epoch))
             idx = run.perm[i * run.global_batch:(i + 1) * run.global_batch]
@@ -338,11 +361,26 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
     if since_log and not math.isfinite(float(running)):
         _fail_non_finite(run, run.steps_per_epoch - 1)
     epoch_time = time.perf_counter() - t_epoch
-    images = len(run.train_y) - min(first * run.global_batch, len(run.train_y))
+    n = len(run.train_y)
+    images = min(run.step * run.global_batch, n) - min(first * run.global_batch, n)
+    if run.steps_cap is not None and run.epoch * run.steps_per_epoch + run.step >= run.total_steps:
+        run.stop_reason = f"--budget: shortened to {run.total_steps} steps to end in time"
     run.train_time += epoch_time
     run.trained_images += images
     run.rows.append({"kind": "epoch", "epoch": run.epoch + 1, "train_s": f"{epoch_time:.2f}",
                      "images_per_s": f"{images / epoch_time:.1f}"})
+
+
+def _within_budget(run: Run, global_step: int) -> bool:
+    """Under --budget: shorten the run when the clock says the planned end would be late (the
+    schedule and the weight averaging are compressed to the new length). False once it is over."""
+    total = run.total_steps
+    cap = run.clock.total_steps(global_step, total)
+    if cap < total:
+        run.steps_cap = cap
+        if run.lookahead is not None:
+            run.lookahead.total_steps = cap
+    return global_step < run.total_steps
 
 
 def _log_loss(run: Run, reporter: Reporter, task: Any, value: float) -> None:
@@ -371,8 +409,13 @@ def end_epoch(run: Run, reporter: Reporter) -> None:
     if run.val_x is not None:
         _validate(run, reporter, row)
     last = run.epoch == run.cfg.epochs or run.stop_reason is not None
-    if run.val_x is None or last:  # with a validation split the test set is scored once, at the end
+    every = run.cfg.eval_every
+    # With a validation split the test set is scored once, at the end; else every --eval-every epochs.
+    if last or (run.val_x is None and every and run.epoch % every == 0):
         _score_test(run, reporter, row, tta=last and run.cfg.tta != "none")
+    else:
+        run.accuracy = run.accuracy_plain = float("nan")  # nothing stale goes into this epoch's weights
+        reporter.log(f"epoch {run.epoch}: done in {row['train_s']} s")
     row.update({"step": run.epoch * run.steps_per_epoch, "images": run.epoch * len(run.train_y),
                 "elapsed_s": f"{run.seconds():.2f}"})
     save_weights(run.out.weights, run.model.state_dict(), _weights_meta(run))
@@ -424,7 +467,10 @@ def _weights_meta(run: Run) -> dict[str, Any]:
     meta = {"model": cfg.model, "model_config": run.model_config, "class_names": run.ds.class_names,
             "dataset": cfg.dataset, "mean": run.mean, "std": run.std, "epochs": str(run.epoch),
             "tta": cfg.tta if run.tta_used else "none", "precision": cfg.precision, "seed": str(cfg.seed),
-            "cifarctl_version": __version__, "torch_version": torch.__version__, "train_config": cfg.to_json()}
+            "cifarctl_version": __version__, "torch_version": torch.__version__, "train_config": cfg.to_json(),
+            "elapsed_s": f"{run.seconds():.1f}"}
+    if cfg.plan is not None:
+        meta.update(budget_s=f"{cfg.budget:g}", budget_plan=cfg.plan)
     if not math.isnan(run.accuracy):
         meta.update(test_accuracy=f"{run.accuracy:.6f}", test_accuracy_plain=f"{run.accuracy_plain:.6f}")
     if run.val_accuracy is not None:
@@ -450,7 +496,8 @@ def finish(run: Run, reporter: Reporter) -> dict[str, Any]:
         plot_curves(run.rows, run.out.curves, f"{run.cfg.model}: {100 * run.accuracy:.2f}% test accuracy")
         rundir.point_latest(run.out, reporter.log)
         _write_config(run, {k: summary[k] for k in ("test_accuracy", "val_split", "val_accuracy", "best_epoch",
-                                                    "stop_reason", "epochs_run", "time_s", "train_time_s")})
+                                                    "stop_reason", "epochs_run", "time_s", "train_time_s",
+                                                    "process_s")})
     return summary
 
 
@@ -469,8 +516,11 @@ def _summary(run: Run) -> dict[str, Any]:
         "val_loss": run.val_loss,
         "best_epoch": run.best["epoch"] if run.val_x is not None else None,
         "stop_reason": run.stop_reason or "epochs",
+        "budget_s": run.cfg.budget,
+        "plan": run.cfg.plan,
         "epochs_run": run.epoch,
         "time_s": round(run.seconds(), 2),
+        "process_s": round(process_age_s(), 2),  # the whole process so far, start-up included (Linux)
         "train_time_s": round(run.train_time, 2),
         "images_per_s": round(run.trained_images / run.train_time, 1) if run.train_time else None,
         "device": str(run.device),

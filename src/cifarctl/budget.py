@@ -1,0 +1,188 @@
+"""`train --budget SECONDS`: fit the recipe to the time a user has, instead of cutting it off.
+
+Before training, a few calibration steps are timed on this machine for each width the model
+offers; the planner picks the widest network that still gets enough epochs, and as many epochs
+as fit, so that start-up, training and the final evaluation end inside the budget. The
+learning-rate schedule and the weight averaging are set for that length. While training, a
+controller watches the clock: if the machine slows down, it shortens the run (the last epoch
+ends early and the schedule is compressed to match), so the run ends close to the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from cifarctl.errors import UsageError
+
+# Width ladders, widest first, with the fewest epochs each needs to pay off (below that a
+# narrower network trained longer did better in the recipe experiments of docs/models.md).
+LADDERS: dict[str, list[tuple[str | None, int]]] = {
+    "fast": [("32,128,256", 14), ("32,96,192", 8), ("24,64,128", 4), ("16,32,64", 1)],
+    "resnet18": [(None, 1)],
+}
+MAX_EPOCHS = 100
+SAFETY = 0.95  # plan for this share of the budget: timing noise must not push the run over
+CHECK_EVERY_S = 1.0  # how often the controller looks at the clock
+CALIBRATION_BATCH = 64  # images per timed calibration step
+
+
+@dataclass
+class Plan:
+    """What `--budget` chose, and what it expects; recorded in config.json and the weights."""
+
+    budget_s: float
+    width: str | None
+    epochs: int
+    epoch_s: float  # estimated seconds per epoch at this width
+    final_eval_s: float  # estimated seconds of the final (TTA) evaluation and file writing
+    start_s: float  # seconds already spent when the plan was made (start-up, calibration)
+    expected_s: float  # start_s + epochs * epoch_s + final_eval_s
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def make_plan(model: str, budget_s: float, start_s: float, epoch_s: dict[str | None, float],
+              final_eval_s: dict[str | None, float]) -> Plan:
+    """The widest rung of `model`'s ladder whose minimum epochs fit the budget, with as many
+    epochs as fit. `epoch_s` and `final_eval_s` hold the calibrated seconds per rung."""
+    if model not in LADDERS:
+        raise UsageError(f"--budget works with --model fast or resnet18, not {model}")
+    usable = budget_s * SAFETY - start_s
+    best = None
+    for width, min_epochs in LADDERS[model]:
+        if width not in epoch_s:
+            continue
+        epochs = min(MAX_EPOCHS, math.floor((usable - final_eval_s[width]) / epoch_s[width]))
+        plan = Plan(budget_s, width, epochs, epoch_s[width], final_eval_s[width], start_s,
+                    start_s + epochs * epoch_s[width] + final_eval_s[width])
+        if epochs >= min_epochs:
+            return plan
+        if best is None or epochs > best.epochs:
+            best = plan
+    if best is None or best.epochs < 1:
+        need = start_s + min(epoch_s[w] + final_eval_s[w] for w in epoch_s)
+        raise UsageError(f"--budget {budget_s:g} s is too small for even one epoch on this machine (about "
+                         f"{need / SAFETY:.0f} s needed, {start_s:.0f} s of them already spent starting and "
+                         "timing); give a larger budget")
+    return best
+
+
+class BudgetClock:
+    """Keeps a run inside its deadline: `steps_left(done, total)` says how many of the planned
+    steps still fit, given the time per step seen so far and the final evaluation still to come.
+
+    `clock` is injectable so tests can slow time down mid-run.
+    """
+
+    def __init__(self, deadline_s: float, final_eval_s: float, clock: Callable[[], float] = time.perf_counter,
+                 started: float | None = None) -> None:
+        self.clock = clock
+        self.start = clock() if started is None else started
+        self.deadline = deadline_s  # seconds after `start` by which the whole run must end
+        self.final_eval_s = final_eval_s
+        self.mark = (self.start, 0)  # (time, steps done) of the last look, for the recent step time
+        self.step_s: float | None = None
+        self.cap: int | None = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def total_steps(self, done: int, total: int) -> int:
+        """The run's total step count: `total` while it fits, fewer (never below done + 1) once the
+        recent time per step says the planned end would pass the deadline."""
+        now = self.clock()
+        then, steps_then = self.mark
+        if done > steps_then and now - then >= CHECK_EVERY_S:
+            recent = (now - then) / (done - steps_then)
+            self.step_s = recent if self.step_s is None else max(recent, 0.5 * self.step_s + 0.5 * recent)
+            self.mark = (now, done)
+        if self.step_s is None:
+            return total
+        left = self.deadline - (now - self.start) - self.final_eval_s
+        fits = done + max(int(left / self.step_s), 1)
+        self.cap = fits if self.cap is None else min(self.cap, fits)  # a run is only ever shortened
+        return min(total, self.cap)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: from /proc), so a budget counts start-up too;
+    0 where that cannot be read."""
+    try:
+        import os
+
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+WRITE_S = 2.0  # weights, checkpoint, metrics, curves.png at the end: measured about 1-2 s here
+
+
+def plan_run(cfg, train_x, n_test: int, classes: int, device, reporter, spent_s: float) -> Plan:
+    """Time a few steps of each rung of the model's ladder on this machine, make the plan, and
+    set cfg.width, cfg.epochs and cfg.plan from it (the global RNG is left untouched).
+    `spent_s`: seconds of the budget already used (start-up) before this was called."""
+    import torch
+
+    t0 = time.perf_counter()
+
+    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    epoch_s, final_s = {}, {}
+    with torch.random.fork_rng(devices=[]):
+        for width, min_epochs in LADDERS[cfg.model]:
+            step_s, image_s = _calibrate(cfg, width, train_x, classes, device)
+            views = {"none": 1, "flip": 2, "flip-translate": 6}[cfg.tta]
+            epoch_s[width] = steps_per_epoch * step_s
+            final_s[width] = n_test * image_s * (views + 1) + WRITE_S  # plain and TTA scores
+            spare = cfg.budget * SAFETY - spent_s - (time.perf_counter() - t0) - final_s[width]
+            if spare >= min_epochs * epoch_s[width]:
+                break  # the widest rung that fits: narrower ones need not be timed
+    plan = make_plan(cfg.model, cfg.budget, spent_s + time.perf_counter() - t0, epoch_s, final_s)
+    cfg.width, cfg.epochs = plan.width, plan.epochs
+    cfg.warmup_epochs = min(cfg.warmup_epochs, max(plan.epochs / 4, 0.25))
+    cfg.plan = plan.to_json()
+    reporter.log(f"budget {cfg.budget:g} s: {plan.epochs} epochs" + (f" at width {plan.width}" if plan.width else "")
+                 + f", about {plan.epoch_s:.1f} s each; expected to end after {plan.expected_s:.0f} s")
+    return plan
+
+
+def _calibrate(cfg, width: str | None, train_x, classes: int, device) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluated image) of `width` on this machine."""
+    import torch
+
+    from cifarctl.config import parse_widths
+    from cifarctl.device import autocast
+    from cifarctl.distributed import World
+    from cifarctl.models import build_model
+    from cifarctl.steppers import AutogradStepper
+
+    mconfig = {"num_classes": classes, **({"widths": parse_widths(width)} if width else {})}
+    model = build_model(cfg.model, mconfig).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    stepper = AutogradStepper(model, cfg, device, World())
+    # A small batch keeps calibration cheap; a step's time grows in proportion to its images for
+    # these conv nets on the CPU, so it is scaled up to the real batch size.
+    n = min(cfg.batch_size, CALIBRATION_BATCH, len(train_x))
+    x = train_x[:n].contiguous(memory_format=layout)
+    y = torch.zeros(n, dtype=torch.long, device=device)
+    times = []
+    for _ in range(3):  # the first pays for one-off kernel selection
+        t = time.perf_counter()
+        stepper(x, y)
+        times.append(time.perf_counter() - t)
+    model.eval()
+    with torch.no_grad(), autocast(device, cfg.precision == "bf16"):
+        model(x)  # the first inference pass also pays for kernel selection
+        t = time.perf_counter()
+        model(x)
+        image_s = (time.perf_counter() - t) / n
+    return min(times[1:]) * cfg.batch_size / n, image_s

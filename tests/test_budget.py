@@ -1,0 +1,126 @@
+"""`train --budget SECONDS`: the planner fits epochs and width to the time, a slowing machine
+still ends close to the budget, and the rules around it (not with --epochs, too small, resume)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cifarctl import budget
+from cifarctl.budget import BudgetClock, make_plan
+from cifarctl.cli import app
+from cifarctl.config import train_config
+from cifarctl.errors import UsageError
+from cifarctl.progress import Reporter
+from cifarctl.train import train
+
+WIDEST, DEFAULT, SMALL, TINY = (w for w, _ in budget.LADDERS["fast"])
+EPOCH_S = {WIDEST: 30.0, DEFAULT: 16.0, SMALL: 8.0, TINY: 3.0}
+FINAL_S = {w: 8.0 for w in EPOCH_S}
+
+
+def test_larger_budgets_get_more_epochs_and_wider_networks() -> None:
+    """More time never plans fewer epochs at the same width, and buys a wider network once it pays."""
+    plans = {b: make_plan("fast", b, 5.0, EPOCH_S, FINAL_S) for b in (30, 60, 180, 300, 600)}
+    assert [plans[b].width for b in (60, 180, 600)] == [SMALL, DEFAULT, WIDEST]
+    for b, plan in plans.items():
+        assert plan.expected_s <= b * budget.SAFETY + 1e-9 and plan.epochs >= 1
+    assert plans[180].epochs < plans[300].epochs
+
+
+def test_too_small_a_budget_is_one_clear_line() -> None:
+    """A budget that cannot hold one epoch says how much would be needed."""
+    with pytest.raises(UsageError, match="too small for even one epoch"):
+        make_plan("fast", 10, 5.0, EPOCH_S, FINAL_S)
+    with pytest.raises(UsageError, match="--model fast or resnet18"):
+        make_plan("tutorial", 100, 0.0, EPOCH_S, FINAL_S)
+
+
+class FakeClock:
+    """A clock that advances by the step time, which slows down 3x after `slow_after` steps."""
+
+    def __init__(self, step_s: float, slow_after: int) -> None:
+        self.now, self.step_s, self.slow_after, self.steps = 0.0, step_s, slow_after, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        self.steps += 1
+        self.now += self.step_s * (3 if self.steps > self.slow_after else 1)
+
+
+@pytest.mark.parametrize("slow_after", [10, 60, 95])
+def test_a_machine_that_slows_mid_run_still_ends_within_ten_percent(slow_after: int) -> None:
+    """With a fake clock that slows 3x mid-run, the controller shortens the run to end near the budget."""
+    budget_s, final_s = 120.0, 5.0
+    clock = FakeClock(step_s=1.0, slow_after=slow_after)
+    planned = 100  # 100 steps of 1 s + 5 s final evaluation: fits 120 s at the planned speed
+    ctl = BudgetClock(budget_s, final_s, clock=clock)
+    done = 0
+    while done < ctl.total_steps(done, planned):
+        clock.step()
+        done += 1
+    end = clock.now + final_s
+    assert end <= 1.10 * budget_s, (done, end)
+    assert done < planned or slow_after >= 95  # it did shorten when the slow-down came early enough
+
+
+def test_a_steady_machine_runs_every_planned_step() -> None:
+    """Without a slow-down, the controller never cuts the plan."""
+    clock = FakeClock(step_s=1.0, slow_after=10**9)
+    ctl = BudgetClock(200.0, 5.0, clock=clock)
+    done = 0
+    while done < ctl.total_steps(done, 100):
+        clock.step()
+        done += 1
+    assert done == 100
+
+
+def test_budget_and_epochs_together_is_a_usage_error(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--budget with --epochs exits 2 with one line; so does --budget with the tutorial model."""
+    result = CliRunner().invoke(app, ["train", "--model", "fast", "--budget", "60", "--epochs", "3",
+                                      "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not both" in result.output
+    result = CliRunner().invoke(app, ["train", "--budget", "60", "--data-dir", str(tiny_data_dir),
+                                      "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--model fast or resnet18" in result.output
+
+
+def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A budgeted run uses, prints and records its plan; resuming keeps it instead of planning again."""
+    # Calibration as if each step took 0.5 s and each evaluated image 1 ms: an epoch (4 steps) is 2 s,
+    # the end 2.7 s, so 4 epochs fit 95% of 12 s.
+    monkeypatch.setattr(budget, "_calibrate", lambda cfg, width, *a: (0.5, 0.001))
+    monkeypatch.setattr(budget, "LADDERS", {"fast": [("8,8,8", 1)]})
+    cfg = train_config("fast", budget=12.0, batch_size=64, seed=0, data_dir=tiny_data_dir,
+                       output_dir=tmp_path / "r")
+    s = train(cfg, Reporter())
+    plan = s["plan"]
+    assert plan["width"] == "8,8,8" and plan["epochs"] == 4
+    assert s["epochs"] == 4 and s["tta"] == "flip-translate"
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["plan"] == plan and config["budget"] == 12.0
+    resumed = train(train_config(), Reporter(), resume=tmp_path / "r", overrides={})
+    assert resumed["plan"] == plan
+
+
+@pytest.mark.slow
+def test_budget_from_the_command_line_ends_inside_it(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """`cifarctl train --model fast --budget 20`, timed as a whole process, ends within 10% of 20 s."""
+    import time
+
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "cifarctl", "train", "--model", "fast", "--budget", "20", "-b", "64",
+                          "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "r"), "--json"],
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    assert out.returncode == 0, out.stderr
+    assert wall <= 22.0, wall
+    assert "budget 20 s:" in out.stderr and json.loads(out.stdout)["plan"]["epochs"] >= 1
