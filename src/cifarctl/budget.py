@@ -147,6 +147,7 @@ def plan_run(cfg, train_x, n_test: int, classes: int, device, reporter, spent_s:
                 break  # the widest rung that fits: narrower ones need not be timed
     plan = make_plan(cfg.model, cfg.budget, spent_s + time.perf_counter() - t0, epoch_s, final_s)
     cfg.width, cfg.epochs = plan.width, plan.epochs
+    cfg.eval_every = 0  # the per-epoch test pass is time the plan spends on training instead
     cfg.warmup_epochs = min(cfg.warmup_epochs, max(plan.epochs / 4, 0.25))
     cfg.plan = plan.to_json()
     reporter.log(f"budget {cfg.budget:g} s: {plan.epochs} epochs" + (f" at width {plan.width}" if plan.width else "")

@@ -260,7 +260,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": dict(batch_size=256, epochs=10, lr=0.35, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  bias_lr_scale=16.0, label_smoothing=0.2, schedule="onecycle", warmup_epochs=1.0, flip="alternate",
                  crop_pad=2, lookahead=True, width="32,96,192", precision="bf16", channels_last=True,
-                 tta="flip-translate", normalization="dataset", log_every=25),
+                 tta="flip-translate", normalization="dataset", log_every=25, eval_every=0),
     "resnet18": dict(batch_size=128, epochs=30, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                      schedule="onecycle", warmup_epochs=1.0, flip="random", crop_pad=4, precision="bf16",
                      channels_last=True, tta="flip", normalization="dataset", log_every=100),
