@@ -105,3 +105,38 @@ def test_compile_composes_with_ddp(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     summary = json.loads(out[out.index("{"):])
     assert summary["world_size"] == 2 and summary["compiled_graphs"] >= 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_match_one_node_with_two_processes(tmp_path: Path) -> None:
+    """Two torchrun "nodes" (c10d rendezvous on 127.0.0.1, gloo) end with the weights of one node x 2 processes."""
+    data_dir = write_tiny_cache(tmp_path / "data", n_train=160, n_test=16)
+    port = _free_port()
+    args = ["--data-dir", str(data_dir), "--seed", "0", "--device", "cpu", "--deterministic", "--epochs", "1",
+            "-b", "8", "--log-every", "1000"]
+    nodes = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", uuid.uuid4().hex if rank == 0 else nodes[0][1], "-m", "cifarctl", "train",
+               "-o", str(tmp_path / "multi"), *args]
+        rdzv = cmd[cmd.index("--rdzv-id") + 1]
+        nodes.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), rdzv))
+    for proc, _ in nodes:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    single = _train(data_dir, tmp_path / "one" / "run", "--nproc", "2", "--epochs", "1", "-b", "8",
+                    "--log-every", "1000")
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out
+    a = load_file(str(tmp_path / "multi" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "one" / "run" / "weights.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
