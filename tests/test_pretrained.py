@@ -68,7 +68,8 @@ def test_runs_latest_wins_over_the_bundled_model(fresh: Path) -> None:
     """A runs/latest that exists (even a broken one) is used, never silently replaced by the bundled model."""
     (fresh / "runs" / "latest").mkdir(parents=True)
     result = cli("predict", "img.png")
-    assert result.exit_code == 2 and "without weights.safetensors" in result.stderr
+    assert result.exit_code == 2 and "runs/latest/weights.safetensors does not exist" in result.stderr
+    assert "bundled" not in result.stderr
 
 
 def test_evaluate_and_show_batch_fall_back(fresh: Path, tiny_data_dir: Path) -> None:

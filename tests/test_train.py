@@ -164,7 +164,9 @@ def test_fast_model_trains_with_augmentation_and_records_tta(tiny_data_dir: Path
     assert summary["tta"] == "flip-translate" and 0 <= summary["test_accuracy_plain"] <= 1
     weights = load_weights(run / "weights.safetensors")
     assert weights.meta["tta"] == "flip-translate" and weights.meta["model_config"]["widths"] == [8, 16, 16]
-    assert weights.meta["precision"] == "bf16"
+    from cifarctl.device import resolve_precision
+
+    assert weights.meta["precision"] == resolve_precision("auto", torch.device("cpu"))  # bf16 where native
 
 
 def test_resume_restores_augmentation_state_exactly(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -108,8 +108,10 @@ class Flip(str, Enum):
 
 
 class Precision(str, Enum):
-    """Arithmetic precision of forward and backward passes."""
+    """Arithmetic precision of forward and backward passes; auto: bf16 where the hardware does it
+    natively (CUDA, CPUs with AVX-512 BF16 or AMX), else fp32 (emulated bf16 is many times slower)."""
 
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -153,7 +155,7 @@ class TrainConfig:
     cutout: int = 0  # zero a random square of this side per image; 0 = off
     lookahead: bool = False  # average the weights every 5 steps, more strongly late in the run (airbench)
     width: str | None = None  # channel widths of the `fast` model, e.g. "32,96,192"
-    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay float32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay float32) | auto
     channels_last: bool = False  # NHWC memory layout, faster for convolutions on CPU and GPU
     compile: bool = False  # torch.compile the model (pays only for long runs)
     tta: str = "none"  # test-time augmentation at evaluation: none | flip | flip-translate
@@ -259,10 +261,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {},
     "fast": dict(batch_size=256, epochs=10, lr=0.35, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  bias_lr_scale=16.0, label_smoothing=0.2, schedule="onecycle", warmup_epochs=1.0, flip="alternate",
-                 crop_pad=2, lookahead=True, width="32,96,192", precision="bf16", channels_last=True,
+                 crop_pad=2, lookahead=True, width="32,96,192", precision="auto", channels_last=True,
                  tta="flip-translate", normalization="dataset", log_every=25, eval_every=0),
     "resnet18": dict(batch_size=128, epochs=30, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                     schedule="onecycle", warmup_epochs=1.0, flip="random", crop_pad=4, precision="bf16",
+                     schedule="onecycle", warmup_epochs=1.0, flip="random", crop_pad=4, precision="auto",
                      channels_last=True, tta="flip", normalization="dataset", log_every=100),
 }
 

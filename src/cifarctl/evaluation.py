@@ -35,6 +35,16 @@ def _dataset_for(weights_path: Path, meta: dict[str, Any], asked: str | None) ->
     return check_dataset_name(own)
 
 
+def _confusion_dir(cfg: EvaluateConfig, weights_path: Path) -> Path:
+    """-o, else the weights file's folder; for the bundled weights (inside the installed package)
+    the current folder."""
+    from cifarctl import pretrained
+
+    if cfg.output_dir is not None:
+        return Path(cfg.output_dir)
+    return Path.cwd() if weights_path.resolve() == pretrained.FILE.resolve() else weights_path.parent
+
+
 def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     """Score `cfg.weights` on a split; returns the JSON-able summary documented in docs/evaluate.md."""
     from cifarctl.data import ensure_dataset
@@ -46,7 +56,7 @@ def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     weights_path = rundir.weights_file(cfg.weights)
     weights = load_weights(weights_path, str(device))  # checked before any download or output
-    png = (Path(cfg.output_dir) if cfg.output_dir is not None else weights_path.parent) / CONFUSION_PNG
+    png = _confusion_dir(cfg, weights_path) / CONFUSION_PNG
     if cfg.confusion:
         fsutil.output_target(png)  # a folder or FIFO in the way is refused before the work
     dataset = _dataset_for(weights_path, weights.meta, cfg.dataset)

@@ -102,7 +102,10 @@ def predict_logits(weights: Weights, images: Any, batch_size: int = 1000) -> tor
     model = weights.model.to(memory_format=torch.channels_last)
     device = next(model.parameters()).device
     mean, std = weights.meta["mean"], weights.meta["std"]
-    tta, bf16 = weights.meta.get("tta", "none"), weights.meta.get("precision") == "bf16"
+    from cifarctl.device import native_bf16
+
+    # bf16 as trained where the hardware has it; emulated bf16 would only be slower than float32.
+    tta, bf16 = weights.meta.get("tta", "none"), weights.meta.get("precision") == "bf16" and native_bf16(device)
     outs = [logits(model, normalise(images[i:i + batch_size], mean, std, device), batch_size, tta, bf16)
             for i in range(0, len(images), batch_size)]
     return torch.cat(outs) if outs else torch.zeros((0, len(weights.class_names)), device=device)

@@ -28,7 +28,7 @@ from cifarctl.averaging import Lookahead
 from cifarctl.budget import process_age_s
 from cifarctl.config import DownloadConfig, TrainConfig, parse_widths
 from cifarctl.data import Dataset, dataset_stats, ensure_dataset, stratified_split
-from cifarctl.device import configure, preserved_torch_state, resolve_device
+from cifarctl.device import configure, preserved_torch_state, resolve_device, resolve_precision
 from cifarctl.distributed import World
 from cifarctl.errors import CifarctlError, Interrupted, UsageError
 from cifarctl.metrics import evaluate
@@ -208,6 +208,7 @@ def _join(cfg: TrainConfig, world: World) -> torch.device:
             torch.cuda.set_device(device)
         distributed.init(world, device.type, cfg.dist_timeout)
     configure(device, cfg.deterministic)
+    cfg.precision = resolve_precision(cfg.precision, device)  # recorded resolved, so a resume keeps it
     return device
 
 
