@@ -150,7 +150,7 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
 
         # A resumed run has the budget its first process left; a new one counts from `started`.
         spent = run.elapsed if state is not None else time.perf_counter() - started
-        run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"])
+        run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"], steps_per_epoch=run.steps_per_epoch)
     if state is not None:
         restore(run, *state)
         reporter.log(f"resuming {out.root} at epoch {run.epoch + 1}, step {run.step}")
@@ -326,6 +326,8 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
     running = torch.zeros((), device=run.device)
     since_log, first = 0, run.step
     t_epoch = time.perf_counter()
+    if run.clock is not None:
+        run.clock.epoch_started(run.epoch * run.steps_per_epoch + first)
     with reporter.task(f"epoch {run.epoch + 1}/{cfg.epochs}", run.steps_per_epoch) as task:
         task.update(first)
         for i in range(first, run.steps_per_epoch):
@@ -359,6 +361,8 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
                 since_log = 0
     if run.device.type == "cuda":
         torch.cuda.synchronize()
+    if run.clock is not None:
+        run.clock.epoch_ended()
     if since_log and not math.isfinite(float(running)):
         _fail_non_finite(run, run.steps_per_epoch - 1)
     epoch_time = time.perf_counter() - t_epoch
