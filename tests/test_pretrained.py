@@ -93,7 +93,7 @@ def test_load_without_a_path_is_the_bundled_model() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_file(), reason="the shared CIFAR-10 copy is not on this machine")
 def test_bundled_model_scores_its_recorded_accuracy(tmp_path: Path) -> None:
-    """On the real CIFAR-10 test set the bundled model scores its recorded accuracy within 0.2 points."""
+    """On the real CIFAR-10 test set the bundled model scores its recorded (plain) accuracy within 0.2 points."""
     import torch
 
     import tarfile
@@ -117,6 +117,10 @@ def test_bundled_model_scores_its_recorded_accuracy(tmp_path: Path) -> None:
                 labels.append(ORDER.index(parts[-2]))
     images, ok, problems = load_images(files)
     assert not problems and len(ok) == 10_000
-    ev = evaluate_weights(load_weights(pretrained.FILE), images, torch.tensor(labels))
-    recorded = float(read_header(pretrained.FILE)[1]["test_accuracy"])
+    weights = load_weights(pretrained.FILE)
+    # Scored without TTA against the recorded plain accuracy: six times less model work than the
+    # TTA figure, which `make pretrained` checks when it builds the file.
+    weights.meta["tta"] = "none"
+    ev = evaluate_weights(weights, images, torch.tensor(labels))
+    recorded = float(read_header(pretrained.FILE)[1]["test_accuracy_plain"])
     assert abs(ev.accuracy - recorded) <= 0.002
