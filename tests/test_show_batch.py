@@ -137,3 +137,23 @@ def test_too_many_images_is_a_usage_error(data_dir: Path, tmp_path: Path) -> Non
     result = cli("show-batch", "--data-dir", data_dir, "--split", "test", "-n", "60", "--out", tmp_path / "g.png")
     assert result.exit_code == 2 and "more than the 50 images in the test split" in result.stderr
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("n, scale", [(1, 1), (1, 4), (7, 3), (16, 2)])
+def test_every_tile_holds_its_image_magnified_with_white_around(n: int, scale: int) -> None:
+    """Each image sits at its tile's place, magnified without smoothing, on a white grid of grid_size()."""
+    import numpy as np
+
+    from cifarctl import grid
+
+    images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    png = np.asarray(grid.render_grid(images, ["x"] * n, None, scale))
+    width, height = grid.grid_size(n, scale, False)
+    assert png.shape == (height, width, 3)
+    cols, rows = grid.grid_shape(n)
+    tile_w, tile_h, side = width // cols, height // rows, 32 * scale
+    for i, image in enumerate(images):
+        x0, y0 = (i % cols) * tile_w + grid.PAD, (i // cols) * tile_h + grid.PAD
+        tile = png[y0:y0 + side, x0:x0 + side]
+        assert np.array_equal(tile, image.repeat(scale, 0).repeat(scale, 1))
+    assert (png[:grid.PAD] == 255).all() and (png[:, :grid.PAD] == 255).all()

@@ -122,12 +122,11 @@ def render_grid(images: np.ndarray, labels: list[str], predicted: list[str] | No
     width, height = grid_size(n, scale, predicted is not None)
     side = SIZE * scale
     tile_w, tile_h = width // cols, height // rows
-    canvas = Image.new("RGB", (width, height), "white")
+    canvas = Image.fromarray(_tiles(images, scale, cols, tile_h - side - 2 * PAD))
     draw = ImageDraw.Draw(canvas)
     font = _font(FONT_PX)
-    for i, image in enumerate(images):
+    for i in range(n):
         x0, y0 = (i % cols) * tile_w, (i // cols) * tile_h
-        canvas.paste(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), (x0 + PAD, y0 + PAD))
         guess = None if predicted is None else predicted[i]
         if guess is not None and guess != labels[i]:
             draw.rectangle((x0 + PAD - 3, y0 + PAD - 3, x0 + PAD + side + 2, y0 + PAD + side + 2), outline=RED, width=3)
@@ -135,6 +134,25 @@ def render_grid(images: np.ndarray, labels: list[str], predicted: list[str] | No
             text_w = draw.textlength(text, font=font)
             draw.text((x0 + (tile_w - text_w) / 2, y0 + PAD + side + 2 + line * LINE), text, fill=colour, font=font)
     return canvas
+
+
+def _tiles(images: np.ndarray, scale: int, cols: int, label_px: int) -> np.ndarray:
+    """The images laid out by torchvision's make_grid: each (32, 32, 3) image magnified `scale`
+    times by repeating pixels (no smoothing), a white band of `label_px` under it for its labels,
+    and PAD of white around every tile. Returns (H, W, 3) uint8 of grid_size()."""
+    import torch
+    from torchvision.utils import make_grid
+
+    x = torch.as_tensor(images).permute(0, 3, 1, 2)  # (n, 3, 32, 32) uint8
+    x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    x = torch.nn.functional.pad(x, (0, 0, 0, label_px), value=255)
+    if len(x) == 1:  # make_grid returns a single image as it is, without padding
+        grid = torch.nn.functional.pad(x[0], (PAD,) * 4, value=255)
+    else:
+        # make_grid puts `padding` between tiles and around the grid; 2 * PAD between and PAD at
+        # the edges is the layout grid_size() describes, so the outer PAD is cut off again.
+        grid = make_grid(x, nrow=cols, padding=2 * PAD, pad_value=255)[:, PAD:-PAD, PAD:-PAD]
+    return grid.permute(1, 2, 0).contiguous().numpy()
 
 
 def preview_text(batch: Batch, width: int, color_system: str | None) -> str:
