@@ -155,8 +155,19 @@ def _tensor_problem(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The run's saved config (TrainConfig.to_json()) from a checkpoint, read and checked as by `load`."""
-    return load(path)[1]["config"]
+    """The run's saved config (TrainConfig.to_json()) from a checkpoint's metadata alone; its
+    tensors are read and the whole checkpoint validated once, later, by `load`."""
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}; is it a cifarctl run directory?")
+    try:
+        meta = json.loads(tensorfile.read_metadata(path).get("cifarctl_checkpoint") or "null")
+    except tensorfile.TensorFileError as err:
+        raise UsageError(f"checkpoint {path} is {err}; start a new run") from err
+    except (ValueError, RecursionError) as err:
+        raise damaged(path, "its metadata is not JSON") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise damaged(path, "'config' is not an object")
+    return meta["config"]
 
 
 GROUPS = ("model", "momentum", "lookahead")  # state dicts stored under "<group>.<key>"
