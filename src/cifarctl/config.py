@@ -77,6 +77,7 @@ class DownloadConfig:
     dataset: str = field(default_factory=_env_dataset)  # the cache's name: DATA_DIR/<dataset>.safetensors
     test_split: float = 0.2  # share of each class held out as test, for a folder without train/ and test/
     split_seed: int = 0  # seed of that stratified split
+    image_size: int = 32  # side of the square images an image folder is imported at (8..512)
 
     @property
     def url_or_path(self) -> str:

@@ -11,9 +11,7 @@ import os
 import shutil
 import urllib.parse
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,18 +22,21 @@ from cifarctl.archive import safe_extract, tar_names
 from cifarctl.config import (DEFAULT_DATASET, MAX_CLASSES, MIN_CLASSES, DownloadConfig, check_dataset_name)
 from cifarctl.errors import CifarctlError, UsageError
 from cifarctl.fetch import fetch, md5_file
-from cifarctl.images import IMAGE_SUFFIXES, ImageError, load_image_counted, walk_files
+from cifarctl.folders import ALIASES, CLASSES, ImportReport, Spools, chunks, import_folder, stratified_split
 from cifarctl.official import RELEASES, Release, read_release, release_of_archive
 from cifarctl.progress import Reporter
+from cifarctl.tensorfile import Spool
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-ALIASES = {"plane": "airplane", "car": "automobile"}
+__all__ = ["ALIASES", "CLASSES", "Dataset", "Split", "dataset_stats", "ensure_dataset", "list_datasets",
+           "load_dataset", "save_cache", "stratified_split"]
+
 SPLITS = ("train", "test")
 CACHE_NAME = "cifar10.safetensors"  # the CIFAR-10 cache; every dataset's is <name>.safetensors
 CACHE_SUFFIX = ".safetensors"
 CACHE_FORMAT = "cifarctl-dataset"
 FORMAT_VERSION = "1"
-_CHUNK = 1000  # images per decode job: large enough to amortise process round trips
+SIZE = 32  # CIFAR's image side; other datasets record theirs as image_size
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
 
 
 @dataclass
@@ -94,24 +95,36 @@ def _digests(arrays: dict[str, Any]) -> dict[str, str]:
     return {name: f"{zlib.crc32(memoryview(_as_numpy(a)).cast('B')):08x}" for name, a in sorted(arrays.items())}
 
 
-def _check_content(meta: dict[str, str], arrays: dict[str, Any]) -> None:
+def _check_content(meta: dict[str, str], arrays: dict[str, Any], path: Path) -> None:
     """Raise _InvalidCache when the arrays do not match the digests recorded with them."""
     if meta.get("crc32"):
         try:
             expected = json.loads(meta["crc32"])
         except ValueError as err:
             raise _InvalidCache("its checksums are unreadable") from err
-        if expected != _digests(arrays):
+        if expected != tensorfile.crc32s(path, list(arrays)):
             raise _InvalidCache("its contents do not match their checksums")
     elif meta.get("content_md5") and _content_md5(arrays) != meta["content_md5"]:
         raise _InvalidCache("its contents do not match their checksum")
 
 
+def image_size_of(meta: dict[str, str]) -> int:
+    """The side of a cache's square images: recorded since 64x64 datasets, else CIFAR's 32."""
+    try:
+        size = int(meta.get("image_size", SIZE))
+    except ValueError as err:
+        raise _InvalidCache("its image_size is not a number") from err
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise _InvalidCache(f"its image_size {size} is outside {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    return size
+
+
 def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
-    """Open and check a cache file; raises _InvalidCache naming what is wrong. `verify` also
+    """Open and check a cache file; raises _InvalidCache naming what is wrong. The images stay
+    memory-mapped (pages are read when used); the labels are read into memory. `verify` also
     recomputes the content checksums, which reads every byte."""
     try:
-        arrays, meta = tensorfile.load(path, framework)
+        arrays, meta = tensorfile.load_mapped(path, framework)
     except tensorfile.TensorFileError as err:
         raise _InvalidCache(str(err)) from err
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -120,6 +133,7 @@ def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
         class_names = json.loads(meta["class_names"])
     except (KeyError, ValueError) as err:
         raise _InvalidCache("class names missing") from err
+    size = image_size_of(meta)
     splits = {}
     for name in SPLITS:
         images, labels = arrays.get(f"{name}_images"), arrays.get(f"{name}_labels")
@@ -129,15 +143,17 @@ def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
             count = int(meta.get(f"{name}_count", -1))
         except ValueError as err:
             raise _InvalidCache(f"{name}_count is not a number") from err
-        if tuple(images.shape) != (count, 32, 32, 3) or str(images.dtype) not in ("uint8", "torch.uint8"):
-            raise _InvalidCache(f"{name} images have shape {tuple(images.shape)}, expected ({count}, 32, 32, 3) uint8")
+        if tuple(images.shape) != (count, size, size, 3) or str(images.dtype) not in ("uint8", "torch.uint8"):
+            raise _InvalidCache(f"{name} images have shape {tuple(images.shape)}, expected "
+                                f"({count}, {size}, {size}, 3) uint8")
         if tuple(labels.shape) != (count,) or str(labels.dtype) not in ("int64", "torch.int64"):
             raise _InvalidCache(f"{name} labels have shape {tuple(labels.shape)}")
+        labels = labels.clone() if framework == "pt" else np.array(labels)  # small: off the map
         if count and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
             raise _InvalidCache(f"{name} labels out of range")
         splits[name] = Split(images, labels)
     if verify:
-        _check_content(meta, arrays)
+        _check_content(meta, arrays, path)
     return Dataset(splits["train"], splits["test"], list(class_names), dict(meta))
 
 
@@ -174,16 +190,17 @@ def dataset_stats(ds: Dataset) -> tuple[list[float], list[float]]:
             return [float(m) for m in mean], [float(s) for s in std]
     except (KeyError, ValueError, TypeError):
         pass
-    return _channel_stats(_as_numpy(ds.train.images))
+    return _channel_stats(ds.train.images)
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Mean and std per channel of (N, H, W, 3) uint8, in [0, 1]; chunked so float temporaries stay small."""
+def _channel_stats(images: Any) -> tuple[list[float], list[float]]:
+    """Mean and std per channel of (N, H, W, 3) uint8 (array, map or Spool), in [0, 1]; a chunk at a
+    time, so float temporaries stay small."""
     total = np.zeros(3)
     squares = np.zeros(3)
     count = 0
-    for start in range(0, len(images), 5000):
-        part = images[start:start + 5000].reshape(-1, 3).astype(np.float64)
+    for part in chunks(images):
+        part = part.reshape(-1, 3).astype(np.float64)
         total += part.sum(0)
         squares += (part * part).sum(0)
         count += len(part)
@@ -259,11 +276,14 @@ def _cached(cfg: DownloadConfig, cache: Path, reporter: Reporter, quiet: bool = 
 
 
 def _clean_stale_extracts(data_dir: Path) -> None:
-    """Remove .extract-PID folders that a killed import left behind."""
-    for entry in data_dir.glob(".extract-*"):
-        pid = entry.name.removeprefix(".extract-")
+    """Remove .extract-PID folders and .spool-PID-* files that a killed import left behind."""
+    for entry in [*data_dir.glob(".extract-*"), *data_dir.glob(".spool-*")]:
+        pid = entry.name.removeprefix(".extract-").removeprefix(".spool-").split("-")[0]
         if pid.isdigit() and not fsutil.pid_alive(int(pid)) and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -314,39 +334,67 @@ def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
 
 def _build(cfg: DownloadConfig, data_dir: Path, cache: Path, reporter: Reporter) -> dict[str, Any]:
     report = ImportReport()
+    spools = Spools(data_dir)
+    try:
+        md5, parts, class_names = _import_source(cfg, data_dir, reporter, report, spools)
+        if not MIN_CLASSES <= len(class_names) <= MAX_CLASSES:
+            raise CifarctlError(f"{cfg.url_or_path} has {len(class_names)} classes; a dataset needs {MIN_CLASSES} "
+                                f"to {MAX_CLASSES}")
+        meta = _cache_meta(cfg.dataset, class_names, source_key(cfg.url_or_path), parts, source_md5=md5 or "")
+        if report.test_split:
+            meta.update(test_split=str(report.test_split), split_seed=str(cfg.split_seed))
+        ds = _write_cache(cache, parts, meta)
+    finally:
+        spools.close()
+    return _summary(ds, cache, status="built", converted=report.converted, skipped=report.skipped)
+
+
+def _import_source(cfg: DownloadConfig, data_dir: Path, reporter: Reporter, report: ImportReport,
+                   spools: Spools) -> tuple[str | None, dict[str, Spool], list[str]]:
+    """(archive md5 or None, the four arrays as spools, class names) of the configured source."""
     source = cfg.url_or_path
     if _is_url(source):
         md5, release, archive = _fetch_archive(cfg, data_dir, reporter)
-        arrays, class_names = _from_archive(archive, release, cfg, data_dir, reporter, report)
-    else:
-        src = Path(source).expanduser()
-        if src.is_dir():
-            md5 = None
-            arrays, class_names = _from_dir(src, cfg, reporter, report)
-        elif src.is_file():
-            md5, release = _verify_archive(src, cfg)
-            arrays, class_names = _from_archive(src, release, cfg, data_dir, reporter, report)
-        else:
-            raise UsageError(f"source {source} is neither a folder nor a file; pass an http(s) URL, a .tar.gz "
-                             "or a folder")
-    if not MIN_CLASSES <= len(class_names) <= MAX_CLASSES:
-        raise CifarctlError(f"{source} has {len(class_names)} classes; a dataset needs {MIN_CLASSES} to {MAX_CLASSES}")
-    mean, std = _channel_stats(arrays["train_images"])
-    meta = {
+        return (md5, *_from_archive(archive, release, cfg, data_dir, reporter, report, spools))
+    src = Path(source).expanduser()
+    if src.is_dir():
+        return (None, *import_folder(src, spools, reporter, report, size=cfg.image_size, test_split=cfg.test_split,
+                                     split_seed=cfg.split_seed))
+    if src.is_file():
+        md5, release = _verify_archive(src, cfg)
+        return (md5, *_from_archive(src, release, cfg, data_dir, reporter, report, spools))
+    raise UsageError(f"source {source} is neither a folder nor a file; pass an http(s) URL, a .tar.gz or a folder")
+
+
+def _cache_meta(name: str, class_names: list[str], source: str, parts: dict[str, Any], **extra: str) -> dict[str, str]:
+    """The metadata every cache carries: format, names, counts, image size, channel statistics."""
+    mean, std = _channel_stats(parts["train_images"])
+    return {
         "format": CACHE_FORMAT,
         "format_version": FORMAT_VERSION,
-        "name": cfg.dataset,
+        "name": name,
         "class_names": json.dumps(class_names),
-        "source": source_key(source),
-        "source_md5": md5 or "",
-        "train_count": str(len(arrays["train_labels"])),
-        "test_count": str(len(arrays["test_labels"])),
+        "source": source,
+        "train_count": str(parts["train_labels"].shape[0]),
+        "test_count": str(parts["test_labels"].shape[0]),
+        "image_size": str(parts["train_images"].shape[1]),
         "mean": json.dumps(mean),
         "std": json.dumps(std),
-        **({"test_split": str(report.test_split), "split_seed": str(cfg.split_seed)} if report.test_split else {}),
+        **extra,
     }
-    ds = _write_cache(cache, arrays, meta)
-    return _summary(ds, cache, status="built", converted=report.converted, skipped=report.skipped)
+
+
+def save_cache(data_dir: Path, name: str, arrays: dict[str, np.ndarray], class_names: list[str],
+               source: str = "generated") -> Path:
+    """Write arrays as dataset `name`'s cache, as an import would (for generated data: tests and
+    benchmarks). arrays: train_images (N, S, S, 3) uint8, train_labels (N,) int64, test_*."""
+    cache = cache_path(data_dir, name)
+    spools = Spools(Path(data_dir))
+    try:
+        _write_cache(cache, arrays, _cache_meta(name, list(class_names), source, arrays), spools)
+    finally:
+        spools.close()
+    return cache
 
 
 def _fetch_archive(cfg: DownloadConfig, data_dir: Path, reporter: Reporter) -> tuple[str, Release | None, Path]:
@@ -386,20 +434,28 @@ def _summary(ds: Dataset, cache: Path, status: str, converted: int = 0, skipped:
     }
 
 
-def _write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> Dataset:
-    """Write the cache atomically; the new file is read back and verified before it replaces the
-    old one, so a failed rebuild never costs a valid cache. Returns the verified dataset."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    meta = {**meta, "crc32": json.dumps(_digests(arrays))}
-    verified: list[Dataset] = []
+def _write_cache(cache: Path, parts: dict[str, Any], meta: dict[str, str], spools: Spools | None = None) -> Dataset:
+    """Write the cache atomically from spools (or arrays, spooled first); the new file is read back
+    and verified before it replaces the old one, so a failed rebuild never costs a valid cache.
+    Returns the verified dataset."""
+    own = spools is None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    spools = spools or Spools(cache.parent)
+    try:
+        parts = {k: v if isinstance(v, Spool) else spools.of(k, np.asarray(v)) for k, v in parts.items()}
+        meta = {**meta, "crc32": json.dumps({k: f"{v.crc:08x}" for k, v in sorted(parts.items())})}
+        verified: list[Dataset] = []
 
-    def check(tmp: Path) -> None:
-        try:
-            verified.append(_read_cache(tmp, "np", verify=True))
-        except _InvalidCache as err:
-            raise CifarctlError(f"the new cache for {cache} did not verify ({err}); the old one is kept") from err
+        def check(tmp: Path) -> None:
+            try:
+                verified.append(_read_cache(tmp, "np", verify=True))
+            except _InvalidCache as err:
+                raise CifarctlError(f"the new cache for {cache} did not verify ({err}); the old one is kept") from err
 
-    tensorfile.save(cache, arrays, meta, check=check)
+        tensorfile.save_spools(cache, parts, meta, check=check)
+    finally:
+        if own:
+            spools.close()
     return verified[0]
 
 
@@ -430,7 +486,7 @@ def _verify_archive(archive: Path, cfg: DownloadConfig) -> tuple[str, Release | 
 
 
 def _from_archive(archive: Path, release: Release | None, cfg: DownloadConfig, data_dir: Path, reporter: Reporter,
-                  report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
+                  report: ImportReport, spools: Spools) -> tuple[dict[str, Spool], list[str]]:
     tmp = data_dir / f".extract-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -441,154 +497,14 @@ def _from_archive(archive: Path, release: Release | None, cfg: DownloadConfig, d
                 raise UsageError(f"{archive.name} is the {release.name} archive, not {cfg.dataset}; pass "
                                  f"--dataset {release.name}")
             marker = next(tmp.rglob(f"{release.folder}/{release.train_files[0]}"))
-            return read_release(marker.parent, release)
+            arrays, class_names = read_release(marker.parent, release)  # 60,000 images: small enough to hold
+            return {k: spools.of(k, v) for k, v in arrays.items()}, class_names
         first = len(report.skipped)
         try:
-            return _from_dir(tmp, cfg, reporter, report)
+            return import_folder(tmp, spools, reporter, report, size=cfg.image_size, test_split=cfg.test_split,
+                                 split_seed=cfg.split_seed)
         finally:
             for item in report.skipped[first:]:  # name files as they are in the archive, not the temp dir
                 item["path"] = f"{archive.name}:{Path(item['path']).relative_to(tmp).as_posix()}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass
-class ImportReport:
-    """What an image-folder import changed or could not read."""
-
-    converted: int = 0  # images that were not 32x32 RGB and were converted and resized
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"} per unreadable file
-    test_split: float = 0.0  # share held out as test when the folder had no test/
-
-
-def _find_layout(folder: Path) -> tuple[Path, bool]:
-    """(root, has_splits): the folder holding train/ and test/ (has_splits), else the folder of
-    <class>/ folders; the given one, or below its only subfolder (a tar's top dir)."""
-    for _ in range(3):
-        if (folder / "train").is_dir() and (folder / "test").is_dir():
-            return folder, True
-        subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        if len(subdirs) != 1:
-            break
-        folder = subdirs[0]
-    if folder.name == "train" or len(_class_dirs(folder)) >= MIN_CLASSES:
-        return folder, False
-    raise CifarctlError(f"{folder} has neither train/<class>/ and test/<class>/ folders nor <class>/ folders; "
-                        "see `cifarctl download --help`")
-
-
-def _class_dirs(split_dir: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-
-
-def class_order(names: list[str]) -> list[str]:
-    """CIFAR-10's class order (with its canonical names) when the folders are CIFAR-10's classes,
-    else the folder names sorted."""
-    canonical = [ALIASES.get(n.lower(), n.lower()) for n in names]
-    if sorted(canonical) == sorted(CLASSES):
-        return list(CLASSES)
-    return sorted(names)
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out) indices: `fraction` of each class's indices (rounded, at least one when the
-    class has two or more) held out, chosen by a seeded shuffle; both sorted."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
-        n = min(max(round(fraction * len(idx)), 1 if len(idx) > 1 else 0), len(idx) - 1) if fraction else 0
-        held.append(rng.permutation(idx)[:n])
-    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-    kept = np.setdiff1d(np.arange(len(labels)), held_idx)
-    return kept, held_idx
-
-
-def _from_dir(folder: Path, cfg: DownloadConfig, reporter: Reporter,
-              report: ImportReport) -> tuple[dict[str, np.ndarray], list[str]]:
-    root, has_splits = _find_layout(folder)
-    class_names = class_order(list(_class_dirs(root / "train" if has_splits else root)))
-    if not has_splits:
-        images, labels = _import_split(root, "all", class_names, reporter, report)
-        if not 0 < cfg.test_split < 1:
-            raise UsageError(f"--test-split must be between 0 and 1, not {cfg.test_split}")
-        kept, held = stratified_split(labels, cfg.test_split, cfg.split_seed)
-        report.test_split = cfg.test_split
-        return {"train_images": images[kept], "train_labels": labels[kept], "test_images": images[held],
-                "test_labels": labels[held]}, class_names
-    arrays = {}
-    for split in SPLITS:
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = _import_split(root / split, split, class_names,
-                                                                            reporter, report)
-    return arrays, class_names
-
-
-def _import_split(folder: Path, split: str, class_names: list[str], reporter: Reporter,
-                  report: ImportReport) -> tuple[np.ndarray, np.ndarray]:
-    """Decode folder/<class>/** into (images (n, 32, 32, 3) uint8, labels (n,) int64)."""
-    cifar = class_names == list(CLASSES)
-
-    def label_of(folder_name: str) -> int | None:
-        name = ALIASES.get(folder_name.lower(), folder_name.lower()) if cifar else folder_name
-        return class_names.index(name) if name in class_names else None
-
-    dirs = _class_dirs(folder)
-    unknown = sorted(n for n in dirs if label_of(n) is None)
-    if unknown:
-        raise CifarctlError(f"{split}/ has classes that train/ lacks: {', '.join(unknown)}")
-    files, labels = [], []
-    for name, d in dirs.items():
-        found, problems = walk_files(d, IMAGE_SUFFIXES)  # FIFOs, devices and link loops are reported
-        report.skipped.extend({"path": p.path, "error": p.error} for p in problems)
-        files += found
-        labels += [label_of(name)] * len(found)
-    if not files:
-        raise CifarctlError(f"no images in {folder}; expected <class>/ folders with {', '.join(IMAGE_SUFFIXES)} files")
-    images, ok = _decode_all([str(f) for f in files], f"importing {split}", reporter, report)
-    if not len(images):
-        raise CifarctlError(f"none of the images in {folder} could be read")
-    return images, np.asarray(labels, dtype=np.int64)[ok]
-
-
-def _decode_chunk(paths: list[str]) -> tuple[np.ndarray, list[int], int, list[dict[str, str]]]:
-    """Decode image files to (k, 32, 32, 3) uint8 with the pipeline `predict` uses; returns the
-    images, the indices that worked, how many needed converting, and the failures."""
-    out, ok, converted, failed = [], [], 0, []
-    for i, path in enumerate(paths):
-        try:
-            image, was_converted = load_image_counted(path)
-        except ImageError as err:
-            failed.append({"path": path, "error": str(err)})
-            continue
-        out.append(image)
-        ok.append(i)
-        converted += was_converted
-    images = np.stack(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
-    return images, ok, converted, failed
-
-
-def _decode_all(paths: list[str], description: str, reporter: Reporter,
-                report: ImportReport) -> tuple[np.ndarray, np.ndarray]:
-    chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-    workers = min(os.cpu_count() or 1, 8, len(chunks))
-    images, ok = [], []
-    with reporter.task(description, len(paths)) as task:
-        if workers > 1:
-            # spawn, not fork: the parent may hold threads (progress display) that fork would copy mid-lock.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                results = pool.map(_decode_chunk, chunks)
-                for start, res in zip(range(0, len(paths), _CHUNK), results):
-                    _collect(res, start, images, ok, report, task)
-        else:
-            for start, chunk in zip(range(0, len(paths), _CHUNK), chunks):
-                _collect(_decode_chunk(chunk), start, images, ok, report, task)
-    return np.concatenate(images), np.asarray(ok, dtype=np.int64)
-
-
-def _collect(res, start, images, ok, report, task) -> None:
-    imgs, idx, converted, failed = res
-    images.append(imgs)
-    ok.extend(start + i for i in idx)
-    report.converted += converted
-    report.skipped.extend(failed)
-    task.advance(len(idx) + len(failed))

@@ -26,9 +26,9 @@ SIZE = 32
 # Declared width*height above this is refused from the header, before any pixel is decoded: a few
 # hundred bytes of PNG can declare gigabytes of pixels. 100 MP still admits any real camera photo.
 MAX_PIXELS = 100_000_000
-# JPEGs are decoded at a power-of-two reduction no smaller than this (DCT scaling), which makes
-# large photos several times cheaper to read and is still 4x the final size for the antialiasing.
-_DRAFT_SIZE = (4 * SIZE, 4 * SIZE)
+# JPEGs are decoded at a power-of-two reduction no smaller than this many times the final size
+# (DCT scaling): large photos become several times cheaper to read, with margin for the antialiasing.
+_DRAFT_FACTOR = 4
 _GLOB_CHARS = set("*?[")
 
 
@@ -165,23 +165,23 @@ def walk_files(folder: Path | str,
     return sorted(files), problems
 
 
-def load_image(path: Path | str) -> np.ndarray:
-    """Read one image file as (32, 32, 3) uint8 RGB; raises ImageError naming the problem.
+def load_image(path: Path | str, size: int = SIZE) -> np.ndarray:
+    """Read one image file as (size, size, 3) uint8 RGB (CIFAR: 32); raises ImageError naming the problem.
 
     Steps: refuse anything but a regular file before opening it (a FIFO would block); refuse more
     than MAX_PIXELS by the header; first frame of animations; EXIF orientation; 16-bit scaled (not
     clipped) to 8 bits; palette, greyscale and CMYK to RGB; alpha composited on white; centre-cropped
-    to a square; resized to 32x32 with Lanczos (antialiased) resampling.
+    to a square; resized to size x size with Lanczos (antialiased) resampling.
     """
-    return load_image_counted(path)[0]
+    return load_image_counted(path, size)[0]
 
 
-def load_image_counted(path: Path | str) -> tuple[np.ndarray, bool]:
-    """`load_image`, plus whether the file was anything but 32x32 RGB (so it was converted): the
+def load_image_counted(path: Path | str, size: int = SIZE) -> tuple[np.ndarray, bool]:
+    """`load_image`, plus whether the file was anything but size x size RGB (so it was converted): the
     one pipeline that dataset imports and `predict` share, so training and prediction see the
     same pixels for the same file."""
     with open_regular(path) as f:
-        return _decode(f)
+        return _decode(f, size)
 
 
 def open_regular(path: Path | str) -> BinaryIO:
@@ -205,8 +205,8 @@ def open_regular(path: Path | str) -> BinaryIO:
     return f
 
 
-def _decode(f: BinaryIO) -> tuple[np.ndarray, bool]:
-    """An open image file -> ((32, 32, 3) uint8 RGB, converted?), every failure an ImageError."""
+def _decode(f: BinaryIO, size: int) -> tuple[np.ndarray, bool]:
+    """An open image file -> ((size, size, 3) uint8 RGB, converted?), every failure an ImageError."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -228,27 +228,28 @@ def _decode(f: BinaryIO) -> tuple[np.ndarray, bool]:
                              "shrink it first")
         if not width or not height:
             raise ImageError("has no pixels (0 width or height)")
-        converted = im.size != (SIZE, SIZE) or im.mode != "RGB"
+        converted = im.size != (size, size) or im.mode != "RGB"
         try:
-            return preprocess(im), converted
+            return preprocess(im, size), converted
         except ImageError:
             raise
         except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for damaged data
             raise ImageError(f"truncated or corrupt image ({type(err).__name__}: {err})") from err
 
 
-def preprocess(im: Any) -> np.ndarray:
-    """An opened PIL image -> (32, 32, 3) uint8 RGB, by the steps listed in `load_image`."""
+def preprocess(im: Any, size: int = SIZE) -> np.ndarray:
+    """An opened PIL image -> (size, size, 3) uint8 RGB, by the steps listed in `load_image`."""
     from PIL import Image, ImageOps
 
-    if im.format == "JPEG" and min(im.size) >= 2 * _DRAFT_SIZE[0]:
-        im.draft(None, _DRAFT_SIZE)
+    draft = _DRAFT_FACTOR * size
+    if im.format == "JPEG" and min(im.size) >= 2 * draft:
+        im.draft(None, (draft, draft))
     im = ImageOps.exif_transpose(im)
     im = _to_rgb(im)
     width, height = im.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    im = im.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
+    im = im.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -274,8 +275,8 @@ def _to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def load_images(paths: list[Path]) -> tuple[np.ndarray, list[int], list[PathError]]:
-    """Read many files: (k, 32, 32, 3) uint8 for the k that worked, their indices in `paths`,
+def load_images(paths: list[Path], size: int = SIZE) -> tuple[np.ndarray, list[int], list[PathError]]:
+    """Read many files: (k, size, size, 3) uint8 for the k that worked, their indices in `paths`,
     and a PathError for each of the others."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -283,7 +284,7 @@ def load_images(paths: list[Path]) -> tuple[np.ndarray, list[int], list[PathErro
 
     def attempt(path: Path) -> np.ndarray | PathError:
         try:
-            return load_image(path)
+            return load_image(path, size)
         except ImageError as err:
             return PathError(str(path), str(err))
 
@@ -297,5 +298,5 @@ def load_images(paths: list[Path]) -> tuple[np.ndarray, list[int], list[PathErro
             outcomes = list(pool.map(attempt, paths))
     ok = [i for i, o in enumerate(outcomes) if not isinstance(o, PathError)]
     problems = [o for o in outcomes if isinstance(o, PathError)]
-    images = np.stack([outcomes[i] for i in ok]) if ok else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    images = np.stack([outcomes[i] for i in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
     return images, ok, problems
