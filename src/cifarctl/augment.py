@@ -16,31 +16,36 @@ NORMALIZATION = {
 }
 
 
-def normalise(images: Any, mean: list[float], std: list[float], device: Any, chunk: int = 10_000) -> torch.Tensor:
-    """uint8 (N, 32, 32, 3) HWC -> float32 (N, 3, 32, 32) on `device`, as (x/255 - mean) / std.
+class Preprocess:
+    """uint8 HWC images (N, H, W, 3), on any device -> (x/255 - mean) / std as (N, 3, H, W) floats
+    of `dtype` on `device`: the one normalisation that training, evaluation and prediction share.
+    Elementwise, so a batch comes out bit for bit as it would from normalising the whole set."""
 
-    Done in chunks, so that the float temporaries stay small when a whole split is normalised.
-    """
+    def __init__(self, mean: list[float], std: list[float], device: Any, dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: Any) -> torch.Tensor:
+        x = torch.as_tensor(images).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return ((x / 255 - self.mean) / self.std).to(self.dtype).contiguous()
+
+
+def normalise(images: Any, mean: list[float], std: list[float], device: Any, chunk: int = 10_000) -> torch.Tensor:
+    """uint8 (N, H, W, 3) HWC -> float32 (N, 3, H, W) on `device`, as (x/255 - mean) / std; in
+    chunks, so that the float temporaries stay small."""
     images = torch.as_tensor(images)
-    n, h, w, _ = images.shape if images.ndim == 4 else (0, 32, 32, 3)
-    out = torch.empty((n, 3, h, w), dtype=torch.float32, device=device)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    for start in range(0, n, chunk):
-        part = images[start:start + chunk].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        out[start:start + chunk] = (part / 255 - m) / s
-    return out
+    prep = Preprocess(mean, std, device)
+    if images.ndim != 4 or not len(images):
+        return torch.empty((0, 3, 32, 32), dtype=torch.float32, device=device)
+    return torch.cat([prep(images[start:start + chunk]) for start in range(0, len(images), chunk)])
 
 
 def pad_reflect(images: torch.Tensor, pad: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, H+2p, W+2p), reflecting the border; done once per run for random crops."""
+    """(N, C, H, W) -> (N, C, H+2p, W+2p), reflecting the border (per batch, for random crops)."""
     if pad == 0:
         return images
-    out = torch.empty((*images.shape[:2], images.shape[2] + 2 * pad, images.shape[3] + 2 * pad),
-                      dtype=images.dtype, device=images.device)
-    for start in range(0, len(images), 5000):  # chunks keep F.pad's float temporaries small
-        out[start:start + 5000] = F.pad(images[start:start + 5000].float(), (pad,) * 4, mode="reflect").to(images.dtype)
-    return out
+    return F.pad(images.float(), (pad,) * 4, mode="reflect").to(images.dtype)
 
 
 def random_crop(padded: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -101,29 +106,81 @@ def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return views
 
 
-class TrainBatches:
-    """Augmented training batches for (idx, epoch), built once per run: crops come from a copy of
-    the training set padded once up front; flips and cutout are drawn on the device from
-    `generator`. `flip_base` (alternate flips) is part of the run's resumable state."""
+class Rows:
+    """Some rows of an image array, read only when sliced: a held-out split without a copy."""
 
-    def __init__(self, images: torch.Tensor, generator: torch.Generator, *, crop_pad: int = 0, flip: str = "none",
-                 cutout: int = 0, channels_last: bool = False) -> None:
-        self.source = pad_reflect(images, crop_pad) if crop_pad else images
-        self.size = images.shape[-1]
+    def __init__(self, images: Any, rows: torch.Tensor) -> None:
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, part: slice) -> Any:
+        return self.images[self.rows[part].to(self.images.device)]
+
+
+class TrainBatches:
+    """Augmented training batches, read per batch from the uint8 images (a memory-mapped cache or a
+    uint8 copy on the device): resident memory beyond the images is O(batch).
+
+    The rows of an epoch are gathered and normalised a chunk of steps ahead (about 16 MB of floats),
+    which keeps per-step overhead off small batches (the tutorial's 4); crops pad each batch by
+    reflection, and crops, flips and cutout are drawn per batch from `generator`, in the order the
+    whole-set version drew them, so a seed gives the same batches bit for bit. `flip_base`
+    (alternate flips) is part of the run's resumable state.
+    """
+
+    CHUNK_BYTES = 16 << 20
+
+    def __init__(self, images: torch.Tensor, prep: Preprocess, generator: torch.Generator, *,
+                 rows: torch.Tensor | None = None, crop_pad: int = 0, flip: str = "none", cutout: int = 0,
+                 channels_last: bool = False) -> None:
+        self.images = images  # (M, H, W, 3) uint8
+        self.rows = rows  # training index -> row of `images` (None: the identity)
+        self.prep = prep
+        self.size = images.shape[1]
         self.generator = generator
         self.crop_pad, self.flip, self.cutout = crop_pad, flip, cutout
-        self.flip_base = random_flip_mask(len(images), generator, images.device) if flip == "alternate" else None
+        n = len(rows) if rows is not None else len(images)
+        self.flip_base = random_flip_mask(n, generator, prep.device) if flip == "alternate" else None
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.per_chunk = max(1, self.CHUNK_BYTES // (3 * self.size * self.size * 4))  # images per chunk
+        self._steps: list[torch.Tensor] = []
+        self._chunk: tuple[int, int, torch.Tensor, list[int]] | None = None  # first step, end step, images, offsets
 
-    def __call__(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        """The augmented batch (len(idx), 3, H, W) of training images `idx` in `epoch` (0-based)."""
-        x = self.source[idx]
+    def start_epoch(self, steps: list[torch.Tensor]) -> None:
+        """This process's training indices for each step of the coming epoch."""
+        self._steps, self._chunk = steps, None
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Normalised, unaugmented training images `idx`: (len(idx), 3, H, W) on the device."""
+        rows = idx if self.rows is None else self.rows[idx.to(self.rows.device)]
+        return self.prep(self.images[rows.to(self.images.device)])
+
+    def __call__(self, step: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the augmented batch (B, 3, H, W), its training indices (B,)) for `step` of `epoch` (0-based)."""
+        idx = self._steps[step]
+        x = self._normalised(step)
         if self.crop_pad:
-            x = random_crop(x, self.size, self.generator)
+            x = random_crop(pad_reflect(x, self.crop_pad), self.size, self.generator)
         if self.flip == "random":
             x = flip_where(x, random_flip_mask(len(idx), self.generator, x.device))
         elif self.flip_base is not None:
-            x = flip_where(x, alternating_flip_mask(self.flip_base, idx, epoch))
+            x = flip_where(x, alternating_flip_mask(self.flip_base, idx.to(self.flip_base.device), epoch))
         if self.cutout:
             x = cutout(x, self.cutout, self.generator)
-        return x.contiguous(memory_format=self.layout)
+        return x.contiguous(memory_format=self.layout), idx
+
+    def _normalised(self, step: int) -> torch.Tensor:
+        """The step's images normalised, from the chunk that holds it (loaded when the step is past it)."""
+        if self._chunk is None or not self._chunk[0] <= step < self._chunk[1]:
+            end, count = step, 0
+            while end < len(self._steps) and (end == step or count + len(self._steps[end]) <= self.per_chunk):
+                count += len(self._steps[end])
+                end += 1
+            offsets = [0]
+            for s in range(step, end):
+                offsets.append(offsets[-1] + len(self._steps[s]))
+            self._chunk = (step, end, self.gather(torch.cat(self._steps[step:end])), offsets)
+        first, _, images, offsets = self._chunk
+        return images[offsets[step - first]:offsets[step - first + 1]]

@@ -152,19 +152,20 @@ def process_age_s() -> float:
 WRITE_S = 3.0  # weights, checkpoint, metrics, curves.png and interpreter exit: about 2-3 s here
 
 
-def plan_run(cfg, train_x, n_test: int, classes: int, device, reporter, spent_s: float) -> Plan:
+def plan_run(cfg, sample, n_train: int, n_test: int, classes: int, device, reporter, spent_s: float) -> Plan:
     """Time a few steps of each rung of the model's ladder on this machine, make the plan, and
     set cfg.width, cfg.epochs and cfg.plan from it (the global RNG is left untouched).
-    `spent_s`: seconds of the budget already used (start-up) before this was called."""
+    `sample`: up to CALIBRATION_BATCH normalised training images on the device; `spent_s`:
+    seconds of the budget already used (start-up) before this was called."""
     import torch
 
     t0 = time.perf_counter()
 
-    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     epoch_s, final_s = {}, {}
     with torch.random.fork_rng(devices=[]):
         for width, min_epochs in LADDERS[cfg.model]:
-            step_s, image_s = _calibrate(cfg, width, train_x, classes, device)
+            step_s, image_s = _calibrate(cfg, width, sample, classes, device)
             views = {"none": 1, "flip": 2, "flip-translate": 6}[cfg.tta]
             epoch_s[width] = steps_per_epoch * step_s
             final_s[width] = n_test * image_s * (views + 1) + WRITE_S  # plain and TTA scores
@@ -181,7 +182,7 @@ def plan_run(cfg, train_x, n_test: int, classes: int, device, reporter, spent_s:
     return plan
 
 
-def _calibrate(cfg, width: str | None, train_x, classes: int, device) -> tuple[float, float]:
+def _calibrate(cfg, width: str | None, sample, classes: int, device) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluated image) of `width` on this machine."""
     import torch
 
@@ -198,8 +199,8 @@ def _calibrate(cfg, width: str | None, train_x, classes: int, device) -> tuple[f
     stepper = AutogradStepper(model, cfg, device, World())
     # A small batch keeps calibration cheap; a step's time grows in proportion to its images for
     # these conv nets on the CPU, so it is scaled up to the real batch size.
-    n = min(cfg.batch_size, CALIBRATION_BATCH, len(train_x))
-    x = train_x[:n].contiguous(memory_format=layout)
+    n = min(cfg.batch_size, CALIBRATION_BATCH, len(sample))
+    x = sample[:n].contiguous(memory_format=layout)
     y = torch.zeros(n, dtype=torch.long, device=device)
     times = []
     for _ in range(3):  # the first pays for one-off kernel selection

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from cifarctl.augment import Preprocess
     from cifarctl.weights import Weights
 
 
@@ -44,9 +45,11 @@ class Evaluation:
 
 
 @torch.no_grad()
-def logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000, tta: str = "none",
-           bf16: bool = False) -> torch.Tensor:
-    """Model outputs for normalised (N, 3, 32, 32) images, in batches; (N, C) float32.
+def logits(model: torch.nn.Module, images: Any, batch_size: int = 1000, tta: str = "none",
+           bf16: bool = False, prep: Preprocess | None = None) -> torch.Tensor:
+    """Model outputs for images in batches; (N, C) float32. The images are normalised floats
+    (N, 3, H, W) on the model's device, or, with `prep`, uint8 HWC (N, H, W, 3) anywhere (a memory
+    map too) that `prep` normalises a batch at a time.
 
     `tta` averages the logits over test-time augmentation views (see augment.tta_views);
     `bf16` runs the forward passes under bfloat16 autocast.
@@ -55,20 +58,21 @@ def logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000,
 
     was_training = model.training
     model.eval()
-    device_type = images.device.type if images.device.type in ("cpu", "cuda") else "cpu"
+    device = prep.device if prep is not None else images.device
+    device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
     outs = []
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(images), batch_size):
-            views = tta_views(images[i:i + batch_size], tta)
-            outs.append(torch.stack([model(v).float() for v in views]).mean(0))
+            x = prep(images[i:i + batch_size]) if prep is not None else images[i:i + batch_size]
+            outs.append(torch.stack([model(v).float() for v in tta_views(x, tta)]).mean(0))
     model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros((0, 0))
 
 
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-             batch_size: int = 1000, tta: str = "none", bf16: bool = False) -> Evaluation:
-    """Evaluate on normalised images (N, 3, 32, 32) and int64 labels (N,), both on the model's device."""
-    return score(logits(model, images, batch_size, tta, bf16), labels, num_classes)
+def evaluate(model: torch.nn.Module, images: Any, labels: torch.Tensor, num_classes: int,
+             batch_size: int = 1000, tta: str = "none", bf16: bool = False, prep: Preprocess | None = None) -> Evaluation:
+    """Evaluate on images (normalised, or uint8 with `prep`: see `logits`) and int64 labels (N,)."""
+    return score(logits(model, images, batch_size, tta, bf16, prep), labels, num_classes)
 
 
 def score(out: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluation:
@@ -89,13 +93,13 @@ def score(out: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluati
 
 @torch.no_grad()
 def predict_logits(weights: Weights, images: Any, batch_size: int = 1000) -> torch.Tensor:
-    """Logits (N, C) float32 of the model in `weights` for uint8 HWC images (N, 32, 32, 3).
+    """Logits (N, C) float32 of the model in `weights` for uint8 HWC images (N, H, W, 3).
 
     Each batch is normalised with the mean/std stored in the weights' metadata and moved to the
     model's device. Every command that runs a model on images comes through here, so test-time
     augmentation belongs here and nowhere else.
     """
-    from cifarctl.augment import normalise
+    from cifarctl.augment import Preprocess
 
     # Channels-last conv weights: the same mathematics, and on 2 CPU cores the tutorial net scores
     # the 10,000 test images in about half the time (oneDNN skips a layout conversion per conv).
@@ -106,9 +110,9 @@ def predict_logits(weights: Weights, images: Any, batch_size: int = 1000) -> tor
 
     # bf16 as trained where the hardware has it; emulated bf16 would only be slower than float32.
     tta, bf16 = weights.meta.get("tta", "none"), weights.meta.get("precision") == "bf16" and native_bf16(device)
-    outs = [logits(model, normalise(images[i:i + batch_size], mean, std, device), batch_size, tta, bf16)
-            for i in range(0, len(images), batch_size)]
-    return torch.cat(outs) if outs else torch.zeros((0, len(weights.class_names)), device=device)
+    if not len(images):
+        return torch.zeros((0, len(weights.class_names)), device=device)
+    return logits(model, images, batch_size, tta, bf16, Preprocess(mean, std, device))
 
 
 def evaluate_weights(weights: Weights, images: Any, labels: torch.Tensor, batch_size: int = 1000) -> Evaluation:

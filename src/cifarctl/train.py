@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cifarctl import __version__, checkpoint, distributed, fsutil, rundir
-from cifarctl.augment import NORMALIZATION, TrainBatches, normalise
+from cifarctl.augment import NORMALIZATION, Preprocess, Rows, TrainBatches
 from cifarctl.averaging import Lookahead
 from cifarctl.budget import process_age_s
 from cifarctl.config import DownloadConfig, TrainConfig, parse_widths
@@ -61,10 +61,11 @@ class Run:
     ds: Dataset
     mean: list[float]
     std: list[float]
+    prep: Preprocess  # uint8 batches -> normalised floats on the device
     train_y: torch.Tensor  # (N,) int64 on the device
-    test_x: torch.Tensor  # (M, 3, 32, 32) normalised, on the device
+    test_x: Any  # (M, H, W, 3) uint8: memory-mapped, or a copy on the device
     test_y: torch.Tensor
-    val_x: torch.Tensor | None  # held-out training images (--val-split), normalised, on the device
+    val_x: Rows | None  # held-out training images (--val-split), uint8, read by row
     val_y: torch.Tensor | None
     model: torch.nn.Module
     model_config: dict[str, Any]
@@ -231,21 +232,25 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     _seed_everything(cfg.seed)
     ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=cfg.dataset), reporter)
     mean, std = NORMALIZATION["tutorial"] if cfg.normalization == "tutorial" else dataset_stats(ds)
-    # bf16 runs keep the normalised set in bf16 too: half the memory traffic per gathered batch.
-    store = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    images, labels = ds.train.images, ds.train.labels
+    # bf16 runs normalise into bf16: the batches the model sees are bf16 under autocast anyway.
+    prep = Preprocess(mean, std, device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    images, test_x = place_images(ds, device, reporter)
+    labels, kept = ds.train.labels, None
     val_x = val_y = None
     if cfg.val_split:
         # Seeded by the run's seed, so a resumed run holds out the same images.
         kept, held = (torch.as_tensor(i) for i in stratified_split(labels.numpy(), cfg.val_split, cfg.seed))
-        val_x, val_y = normalise(images[held], mean, std, device).to(store), labels[held].to(device)
-        images, labels = images[kept], labels[kept]
-    train_x = normalise(images, mean, std, device).to(store)  # (N, 3, 32, 32)
-    test_x = normalise(ds.test.images, mean, std, device).to(store)
+        val_x, val_y = Rows(images, held), labels[held].to(device)
+        labels = labels[kept]
+    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
+                  "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
+    batches = TrainBatches(images, prep, generators["augment"], rows=kept, crop_pad=cfg.crop_pad, flip=cfg.flip,
+                           cutout=cfg.cutout, channels_last=cfg.channels_last)  # flip_base: the same on every rank
     if cfg.budget is not None and cfg.plan is None:
-        from cifarctl.budget import plan_run
+        from cifarctl.budget import CALIBRATION_BATCH, plan_run
 
-        plan_run(cfg, train_x, len(test_x), len(ds.class_names), device, reporter,
+        sample = batches.gather(torch.arange(min(len(labels), CALIBRATION_BATCH)))
+        plan_run(cfg, sample, len(labels), len(test_x), len(ds.class_names), device, reporter,
                  time.perf_counter() - (started or time.perf_counter()))  # sets epochs and width
     mconfig = {"num_classes": len(ds.class_names)}
     if cfg.width:
@@ -253,22 +258,33 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     model = build_model(cfg.model, mconfig).to(device)
     if hasattr(model, "init_whitening") and fresh:
         # A few thousand images pin down a 12x12 patch covariance; the seeded perm makes it repeatable.
-        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        model.init_whitening(train_x[pick.to(device)])
+        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        model.init_whitening(batches.gather(pick))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stepper = make_stepper(model, cfg, device, world)
-    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
-                  "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
-    batches = TrainBatches(train_x, generators["augment"], crop_pad=cfg.crop_pad, flip=cfg.flip,
-                           cutout=cfg.cutout, channels_last=cfg.channels_last)  # flip_base: the same on every rank
     if world.rank:
         generators["augment"].manual_seed(cfg.seed + 1 + 1_000_003 * world.rank)  # other crops and flips per rank
     global_batch = cfg.batch_size * world.size  # each rank takes batch_size images of every global batch
-    steps_per_epoch = math.ceil(len(train_x) / global_batch)
+    steps_per_epoch = math.ceil(len(labels) / global_batch)
     lookahead = Lookahead(model, steps_per_epoch * cfg.epochs) if cfg.lookahead else None
-    return Run(cfg, world, device, out, ds, mean, std, labels.to(device), test_x, ds.test.labels.to(device),
+    return Run(cfg, world, device, out, ds, mean, std, prep, labels.to(device), test_x, ds.test.labels.to(device),
                val_x, val_y, model, mconfig, stepper, batches, generators, lookahead, steps_per_epoch, global_batch)
+
+
+def place_images(ds: Dataset, device: torch.device, reporter: Reporter) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) uint8 images where batches are read from: the memory-mapped cache (on the
+    CPU, and for a GPU whose free memory they would crowd), or a uint8 copy in GPU memory."""
+    train, test = ds.train.images, ds.test.images
+    if device.type == "cuda":
+        nbytes = train.nbytes + test.nbytes
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= free // 4:  # the rest is for the model, its activations and the allocator's slack
+            reporter.log(f"dataset: a uint8 copy on {device} ({nbytes / 1e6:,.0f} MB)")
+            return train.to(device), test.to(device)
+        reporter.log(f"dataset: {nbytes / 1e6:,.0f} MB stays memory-mapped in host memory; batches are copied to "
+                     f"{device} as they are needed")
+    return train, test
 
 
 def restore(run: Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -321,6 +337,9 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
     cfg, world = run.cfg, run.world
     if run.perm is None:
         run.perm = torch.randperm(len(run.train_y), generator=run.generators["shuffle"]).to(run.device)
+    # Each rank reads only its own part of every global batch from the images.
+    run.batches.start_epoch([distributed.shard(idx, world) if world.enabled else idx
+                             for idx in run.perm.split(run.global_batch)])
     log_every = cfg.log_every
     ui_every = max(1, min(log_every, 200))  # progress updates: cheap, but not free at batch 4
     running = torch.zeros((), device=run.device)
@@ -336,10 +355,8 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
                 break
             if cfg.schedule != "constant":
                 run.stepper.set_lr(lr_at(cfg, global_step, run.total_steps, run.steps_per_epoch))
-            idx = run.perm[i * run.global_batch:(i + 1) * run.global_batch]
-            if world.enabled:
-                idx = distributed.shard(idx, world)
-            loss = run.stepper(run.batches(idx, run.epoch), run.train_y[idx])
+            x, idx = run.batches(i, run.epoch)
+            loss = run.stepper(x, run.train_y[idx])
             if run.lookahead is not None:
                 run.lookahead.after_step(global_step + 1)
             running += loss
@@ -435,8 +452,8 @@ def _score_test(run: Run, reporter: Reporter, row: dict[str, Any], tta: bool) ->
     """Test accuracy (TTA costs a forward pass per view: on the final epoch only)."""
     cfg, classes = run.cfg, len(run.ds.class_names)
     bf16 = cfg.precision == "bf16"
-    ev_plain = evaluate(run.model, run.test_x, run.test_y, classes, bf16=bf16)
-    ev = evaluate(run.model, run.test_x, run.test_y, classes, tta=cfg.tta, bf16=bf16) if tta else ev_plain
+    ev_plain = evaluate(run.model, run.test_x, run.test_y, classes, bf16=bf16, prep=run.prep)
+    ev = evaluate(run.model, run.test_x, run.test_y, classes, tta=cfg.tta, bf16=bf16, prep=run.prep) if tta else ev_plain
     run.accuracy, run.accuracy_plain, run.tta_used = ev.accuracy, ev_plain.accuracy, tta
     row.update({"test_loss": f"{ev.loss:.5f}", "test_acc": f"{ev.accuracy:.5f}",
                 "test_acc_plain": f"{ev_plain.accuracy:.5f}"})
@@ -449,7 +466,8 @@ def _validate(run: Run, reporter: Reporter, row: dict[str, Any]) -> None:
     """Validation accuracy; keep the best epoch's weights in best.safetensors; stop after
     --patience epochs without improvement."""
     cfg = run.cfg
-    ev = evaluate(run.model, run.val_x, run.val_y, len(run.ds.class_names), bf16=cfg.precision == "bf16")
+    ev = evaluate(run.model, run.val_x, run.val_y, len(run.ds.class_names), bf16=cfg.precision == "bf16",
+                  prep=run.prep)
     run.val_accuracy, run.val_loss = ev.accuracy, ev.loss
     row.update({"val_loss": f"{ev.loss:.5f}", "val_acc": f"{ev.accuracy:.5f}"})
     improved = ev.accuracy > run.best["val_accuracy"]
