@@ -147,28 +147,28 @@ def test_each_rank_reads_only_its_shard_of_every_global_batch() -> None:
     images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
     read: dict[int, list[int]] = {}
 
-    class Recorder:
-        """Stands in for the images: records each row a rank reads."""
+    class Recorded(torch.Tensor):
+        """The images, noting every row that is read from them (torch.index_select is the one read)."""
 
-        def __init__(self, rank: int) -> None:
-            self.rank, self.device, self.shape = rank, images.device, images.shape
+        rank = 0
 
-        def __len__(self) -> int:
-            return n
-
-        def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-            read.setdefault(self.rank, []).extend(rows.tolist())
-            return images[rows]
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.index_select:
+                read.setdefault(cls.rank, []).extend(args[2].tolist())
+            return super().__torch_function__(func, types, args, kwargs or {})
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     for rank in range(size):
         world = distributed.World(rank, size, rank)
         steps = [distributed.shard(idx, world) for idx in perm.split(global_batch)]
-        batches = aug.TrainBatches(Recorder(rank), aug.Preprocess(MEAN, STD, "cpu"), torch.Generator().manual_seed(0))
+        Recorded.rank = rank
+        batches = aug.TrainBatches(images.as_subclass(Recorded), aug.Preprocess(MEAN, STD, "cpu"),
+                                   torch.Generator().manual_seed(0))
         batches.start_epoch(steps)
         for i in range(len(steps)):
             x, idx = batches(i, 0)
             assert torch.equal(idx, perm[i * global_batch:(i + 1) * global_batch].tensor_split(size)[rank])
-            assert torch.equal(x, aug.normalise(images[idx], MEAN, STD, "cpu"))
+            assert torch.equal(x.as_subclass(torch.Tensor), aug.normalise(images[idx], MEAN, STD, "cpu"))
     assert all(len(read[r]) < n // 2 for r in range(size))
     assert sorted(sum(read.values(), [])) == list(range(n))

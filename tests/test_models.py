@@ -124,3 +124,24 @@ def test_compiled_fast_model_trains_in_bf16() -> None:
         grads.append(model.head.weight.grad)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert torch.allclose(grads[0], grads[1], rtol=0.1, atol=1e-2)
+
+
+def test_whitening_init_sums_its_moments_in_chunks_without_changing_them() -> None:
+    """The stem's filters from chunked float64 moments equal those from all 2x2 patches at once,
+    at 32x32 and 64x64 (the chunking exists to keep 5,000 images' patches out of memory)."""
+    from cifarctl.models import build_model
+
+    for size in (32, 64):
+        images = torch.rand(1200, 3, size, size, dtype=torch.float64)
+        images[:, 1] = 0.7 * images[:, 0] + 0.3 * images[:, 1]  # correlated channels, as in photos
+        model = build_model("fast", {"num_classes": 10})
+        model.init_whitening(images.float())
+        patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+        patches = patches - patches.mean(0)
+        eigvals, eigvecs = torch.linalg.eigh(patches.T @ patches / len(patches))
+        k = model.stem[0].out_channels // 2
+        filters = (eigvecs[:, -k:].T / torch.sqrt(eigvals[-k:, None] + 5e-4)).view(k, 3, 2, 2)
+        got = model.stem[0].weight[:k].double()
+        # eigenvectors are defined up to sign: compare each filter with the same or the negated one
+        signs = torch.sign((got * filters).sum((1, 2, 3))).view(k, 1, 1, 1)
+        assert torch.allclose(got, signs * filters, rtol=1e-3, atol=1e-3)

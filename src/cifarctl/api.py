@@ -38,8 +38,8 @@ class Classifier:
     """
 
     def __init__(self, path: Path, model: str, class_names: list[str], mean: list[float], std: list[float],
-                 probabilities: Any, module: Any = None) -> None:
-        self.path, self.model, self.class_names = path, model, list(class_names)
+                 probabilities: Any, module: Any = None, image_size: int = 32) -> None:
+        self.path, self.model, self.class_names, self.image_size = path, model, list(class_names), image_size
         self.mean, self.std, self.module = list(mean), list(std), module
         self._probabilities = probabilities
 
@@ -48,13 +48,15 @@ class Classifier:
 
     def predict(self, images: ImageInput | list[ImageInput], top_k: int = 3,
                 batch_size: int = 256) -> Prediction | list[Prediction]:
-        """Classify one image (-> Prediction) or a list of them, or an (N, 32, 32, 3) array (-> list).
+        """Classify one image (-> Prediction) or a list of them, or an (N, S, S, 3) array (-> list).
 
-        Every input is prepared as `cifarctl predict` prepares files: RGB, centre-cropped, 32x32 Lanczos.
+        Every input is prepared as `cifarctl predict` prepares files: RGB, centre-cropped, resized
+        with Lanczos to the model's image size S (32 for CIFAR).
         """
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
         items = [images] if single else list(images)
-        batch = np.stack([to_array(x) for x in items]) if items else np.zeros((0, 32, 32, 3), np.uint8)
+        size = self.image_size
+        batch = np.stack([to_array(x, size) for x in items]) if items else np.zeros((0, size, size, 3), np.uint8)
         k = max(1, min(int(top_k), len(self.class_names)))
         out: list[Prediction] = []
         for start in range(0, len(batch), batch_size):
@@ -66,23 +68,23 @@ class Classifier:
         return out[0] if single else out
 
 
-def to_array(image: ImageInput) -> np.ndarray:
-    """Any supported input -> (32, 32, 3) uint8 RGB, through the same steps as `cifarctl predict`."""
+def to_array(image: ImageInput, size: int = 32) -> np.ndarray:
+    """Any supported input -> (size, size, 3) uint8 RGB, through the same steps as `cifarctl predict`."""
     from cifarctl.images import ImageError, load_image, preprocess
 
     if isinstance(image, (str, Path)):
-        return load_image(image)
+        return load_image(image, size)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise UsageError(f"an image array must be uint8 HWC (H, W, 3) RGB, not {image.dtype} {image.shape}")
-        if image.shape == (32, 32, 3):
+        if image.shape == (size, size, 3):
             return np.ascontiguousarray(image)
         from PIL import Image
 
         image = Image.fromarray(image)
     if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image
         try:
-            return preprocess(image)
+            return preprocess(image, size)
         except Exception as err:
             raise ImageError(f"cannot use this image ({type(err).__name__}: {err})") from err
     raise UsageError(f"cannot classify a {type(image).__name__}; pass a path, a PIL image or a uint8 HWC array")
@@ -100,7 +102,7 @@ def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
 
         onnx = load_onnx(weights_path)
         return Classifier(weights_path, onnx.meta["model"], onnx.class_names, onnx.meta["mean"], onnx.meta["std"],
-                          lambda images: softmax(onnx.logits(images)))
+                          lambda images: softmax(onnx.logits(images)), image_size=onnx.image_size)
     import torch
 
     from cifarctl.device import resolve_device
@@ -113,7 +115,7 @@ def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
         return torch.softmax(predict_logits(w, images), 1).cpu().numpy()
 
     return Classifier(weights_path, w.meta["model"], w.class_names, w.meta["mean"], w.meta["std"], probabilities,
-                      w.model)
+                      w.model, w.image_size)
 
 
 @dataclass

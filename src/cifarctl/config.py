@@ -77,7 +77,9 @@ class DownloadConfig:
     dataset: str = field(default_factory=_env_dataset)  # the cache's name: DATA_DIR/<dataset>.safetensors
     test_split: float = 0.2  # share of each class held out as test, for a folder without train/ and test/
     split_seed: int = 0  # seed of that stratified split
-    image_size: int = 32  # side of the square images an image folder is imported at (8..512)
+    # Side of the square images an image folder is imported at (8..512); None: 32, or the size of
+    # the cache there is. Given and different from the cache's, the cache is rebuilt.
+    image_size: int | None = None
 
     @property
     def url_or_path(self) -> str:
@@ -299,7 +301,7 @@ class EvaluateConfig:
     weights: Path = Path("runs/latest/weights.safetensors")
     dataset: str | None = field(default_factory=lambda: os.environ.get("CIFARCTL_DATASET") or None)  # None: the weights'
     split: str = "test"
-    batch_size: int = 1000  # images per forward pass; only memory and speed depend on it
+    batch_size: int | None = None  # images per forward pass (None: 128 on a CPU, 1000 on a GPU); memory and speed only
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     confusion: bool = False  # also write confusion.png
     output_dir: Path | None = None  # where confusion.png goes; None: the weights file's folder

@@ -199,7 +199,7 @@ def _channel_stats(images: Any) -> tuple[list[float], list[float]]:
     total = np.zeros(3)
     squares = np.zeros(3)
     count = 0
-    for part in chunks(images):
+    for part in chunks(images, 1024):  # 25 MB of float64 at a time for 32x32
         part = part.reshape(-1, 3).astype(np.float64)
         total += part.sum(0)
         squares += (part * part).sum(0)
@@ -266,6 +266,11 @@ def _cached(cfg: DownloadConfig, cache: Path, reporter: Reporter, quiet: bool = 
         if os.path.lexists(cache) and not quiet:
             reporter.log(f"the cache at {cache} is invalid ({err}); rebuilding it")
         return None
+    if cfg.image_size is not None and ds.train.images.shape[1] != cfg.image_size:
+        if not quiet:
+            reporter.log(f"the cache holds {ds.train.images.shape[1]}x{ds.train.images.shape[1]} images; rebuilding "
+                         f"it at {cfg.image_size}x{cfg.image_size}")
+        return None
     built_from = ds.metadata.get("source", "")
     if cfg.source is not None and built_from != source_key(cfg.source):
         if not quiet:
@@ -316,6 +321,8 @@ def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
     if cfg.dataset not in RELEASES and cfg.source is None:
         raise UsageError(f"{cfg.dataset!r} is not an official dataset ({', '.join(RELEASES)}); import an image "
                          f"folder as it with --source DIR_OR_TAR --name {cfg.dataset}")
+    if cfg.image_size is not None and not MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, not {cfg.image_size}")
     if cfg.source is not None and not _is_url(cfg.source) and not Path(cfg.source).expanduser().exists():
         raise UsageError(f"source {cfg.source} does not exist; pass an http(s) URL, a .tar.gz or a folder")
     if not cfg.force and (summary := _cached(cfg, cache, reporter)):
@@ -358,7 +365,8 @@ def _import_source(cfg: DownloadConfig, data_dir: Path, reporter: Reporter, repo
         return (md5, *_from_archive(archive, release, cfg, data_dir, reporter, report, spools))
     src = Path(source).expanduser()
     if src.is_dir():
-        return (None, *import_folder(src, spools, reporter, report, size=cfg.image_size, test_split=cfg.test_split,
+        return (None, *import_folder(src, spools, reporter, report, size=cfg.image_size or SIZE,
+                                     test_split=cfg.test_split,
                                      split_seed=cfg.split_seed))
     if src.is_file():
         md5, release = _verify_archive(src, cfg)
@@ -497,11 +505,13 @@ def _from_archive(archive: Path, release: Release | None, cfg: DownloadConfig, d
                 raise UsageError(f"{archive.name} is the {release.name} archive, not {cfg.dataset}; pass "
                                  f"--dataset {release.name}")
             marker = next(tmp.rglob(f"{release.folder}/{release.train_files[0]}"))
+            if cfg.image_size not in (None, SIZE):
+                raise UsageError(f"the {release.name} release is {SIZE}x{SIZE}; --image-size is for image folders")
             arrays, class_names = read_release(marker.parent, release)  # 60,000 images: small enough to hold
             return {k: spools.of(k, v) for k, v in arrays.items()}, class_names
         first = len(report.skipped)
         try:
-            return import_folder(tmp, spools, reporter, report, size=cfg.image_size, test_split=cfg.test_split,
+            return import_folder(tmp, spools, reporter, report, size=cfg.image_size or SIZE, test_split=cfg.test_split,
                                  split_seed=cfg.split_seed)
         finally:
             for item in report.skipped[first:]:  # name files as they are in the archive, not the temp dir

@@ -23,6 +23,14 @@ def check_classes(weights_path: Path, model_classes: list[str], data_classes: li
                          "evaluate it on the dataset it was trained on (--data-dir)")
 
 
+def check_image_size(weights_path: Path, model_size: int, images: Any) -> None:
+    """Refuse to run a model on images of another size than it was trained on (N, H, W, 3)."""
+    size = images.shape[1]
+    if size != model_size:
+        raise UsageError(f"{weights_path} was trained on {model_size}x{model_size} images but this dataset's are "
+                         f"{size}x{size}; use the dataset it was trained on (--dataset, --data-dir)")
+
+
 def _dataset_for(weights_path: Path, meta: dict[str, Any], asked: str | None) -> str:
     """The weights' own dataset (CIFAR-10 for weights that predate the field); a different one
     asked for is refused: its labels mean other classes."""
@@ -63,6 +71,7 @@ def evaluate_file(cfg: EvaluateConfig, reporter: Reporter) -> dict[str, Any]:
     ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=dataset), reporter)
     check_classes(weights_path, weights.class_names, ds.class_names)
     split = ds.split(cfg.split)
+    check_image_size(weights_path, weights.image_size, split.images)
     start = time.perf_counter()
     ev = evaluate_weights(weights, split.images, split.labels, cfg.batch_size)
     elapsed = time.perf_counter() - start

@@ -84,7 +84,7 @@ def export_file(weights: Path, fmt: str = "onnx", out: Path | None = None, tta: 
     fsutil.output_target(out)  # a folder or FIFO in the way is refused before the work
     mode = w.meta.get("tta", "none") if tta else "none"
     module = Pixels(w.model, w.meta["mean"], w.meta["std"], mode).eval()
-    pixels = test_pixels(data_dir, reporter, w.class_names)
+    pixels = test_pixels(data_dir, reporter, w.class_names, w.meta.get("dataset"), w.image_size)
     meta = export_metadata(w.meta, mode)
     start = time.perf_counter()
     if fmt == "onnx":
@@ -108,12 +108,20 @@ def _require_onnx() -> None:
             raise missing_package(package) from err
 
 
-def test_pixels(data_dir: Path | None, reporter: Reporter, class_names: list[str]) -> torch.Tensor:
-    """Up to VERIFY_IMAGES test images spread over the split, as float32 [0, 1] NCHW."""
+def test_pixels(data_dir: Path | None, reporter: Reporter, class_names: list[str], dataset: str | None = None,
+                size: int = 32) -> torch.Tensor:
+    """Up to VERIFY_IMAGES test images of `dataset` (default CIFAR-10) spread over the split, as
+    float32 [0, 1] NCHW; they must have the model's image size."""
     from cifarctl.data import ensure_dataset
 
     cfg = DownloadConfig() if data_dir is None else DownloadConfig(data_dir=Path(data_dir))
+    if dataset is not None:
+        cfg.dataset = dataset
     split = ensure_dataset(cfg, reporter).test
+    if split.images.shape[1] != size:
+        raise UsageError(f"the export is checked on test images of the model's size, {size}x{size}, and "
+                         f"{cfg.dataset}'s are {split.images.shape[1]}x{split.images.shape[1]}; pass the --data-dir "
+                         "that holds the dataset the model was trained on")
     idx = torch.linspace(0, len(split) - 1, min(VERIFY_IMAGES, len(split))).long()
     images = torch.as_tensor(split.images)[idx]
     return images.permute(0, 3, 1, 2).float().div(255).contiguous()
@@ -123,9 +131,11 @@ def export_metadata(meta: dict[str, Any], tta: str) -> dict[str, str]:
     """What an exported file says about itself, as strings (ONNX metadata_props are strings)."""
     import torch
 
+    size = int(meta.get("image_size", 32))
     fields = {"format": ONNX_FORMAT, "model": meta["model"], "model_config": meta["model_config"],
               "class_names": meta["class_names"], "mean": meta["mean"], "std": meta["std"], "tta": tta,
-              "input": "float32 RGB in [0, 1], NCHW, 32x32, any batch size; mean/std applied inside",
+              "image_size": str(size),
+              "input": f"float32 RGB in [0, 1], NCHW, {size}x{size}, any batch size; mean/std applied inside",
               "output": "logits", "cifarctl_version": __version__, "torch_version": torch.__version__}
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
 
@@ -142,7 +152,8 @@ def to_onnx(module: torch.nn.Module, meta: dict[str, str], exporter: str = "auto
     """The ONNX model's bytes with `meta` in metadata_props, and the exporter used."""
     import onnx
 
-    example = torch.rand(2, 3, 32, 32)
+    size = int(meta.get("image_size", "32"))
+    example = torch.rand(2, 3, size, size)
     use_dynamo = exporter == "dynamo" or (exporter == "auto" and _has_onnxscript())
     proto, used = None, "legacy"
     if use_dynamo:
@@ -177,7 +188,8 @@ def _has_onnxscript() -> bool:
 
 def to_pt2(module: torch.nn.Module, meta: dict[str, str]) -> bytes:
     """torch.export's ExportedProgram saved as a .pt2 archive, `meta` as its cifarctl.json extra file."""
-    example = torch.rand(2, 3, 32, 32)
+    size = int(meta.get("image_size", "32"))
+    example = torch.rand(2, 3, size, size)
     with _quiet():
         program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
         buf = io.BytesIO()  # a buffer: torch.export.save insists on a .pt2 name, and ours is a temporary one

@@ -42,12 +42,12 @@ def grid_shape(n: int) -> tuple[int, int]:
     return cols, max(1, math.ceil(n / cols))
 
 
-def grid_size(n: int, scale: int, with_predictions: bool) -> tuple[int, int]:
-    """Pixel (width, height) of the PNG for n images: each tile is the image scaled up, PAD on
-    every side, and one label line (two with predictions) under it."""
+def grid_size(n: int, scale: int, with_predictions: bool, size: int = SIZE) -> tuple[int, int]:
+    """Pixel (width, height) of the PNG for n images of size x size: each tile is the image scaled
+    up, PAD on every side, and one label line (two with predictions) under it."""
     cols, rows = grid_shape(n)
     lines = 2 if with_predictions else 1
-    return cols * (SIZE * scale + 2 * PAD), rows * (SIZE * scale + lines * LINE + 2 * PAD)
+    return cols * (size * scale + 2 * PAD), rows * (size * scale + lines * LINE + 2 * PAD)
 
 
 def show_batch(cfg: ShowBatchConfig, reporter: Reporter) -> Batch:
@@ -73,10 +73,13 @@ def show_batch(cfg: ShowBatchConfig, reporter: Reporter) -> Batch:
         raise UsageError(f"-n {cfg.n} is more than the {len(split):,} images in the {cfg.split} split")
     seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
     idx = np.random.default_rng(seed).choice(len(split), cfg.n, replace=False)
-    images = split.images[torch.as_tensor(idx)].numpy()  # (n, 32, 32, 3) uint8
+    images = split.images[torch.as_tensor(idx)].numpy()  # (n, S, S, 3) uint8
     labels = [ds.class_names[i] for i in split.labels[torch.as_tensor(idx)].tolist()]
     predicted = None
     if weights is not None:
+        from cifarctl.evaluation import check_image_size
+
+        check_image_size(weights_path, weights.image_size, images)
         predicted = [weights.class_names[i] for i in predict_logits(weights, images).argmax(1).tolist()]
     grid = render_grid(images, labels, predicted, cfg.scale)
     with fsutil.atomic_path(cfg.out) as tmp:
@@ -112,15 +115,15 @@ def _label_lines(label: str, predicted: str | None) -> list[tuple[str, tuple[int
 
 def render_grid(images: np.ndarray, labels: list[str], predicted: list[str] | None = None,
                 scale: int = 4) -> Any:
-    """A PIL image of the batch: each (32, 32, 3) image scaled up `scale` times without smoothing
+    """A PIL image of the batch: each (S, S, 3) image scaled up `scale` times without smoothing
     (so the pixels stay visible), its class under it; with predictions, the predicted class in
     green when right, in red with a red frame when wrong, and the true class under it."""
     from PIL import Image, ImageDraw
 
     n = len(images)
     cols, rows = grid_shape(n)
-    width, height = grid_size(n, scale, predicted is not None)
-    side = SIZE * scale
+    width, height = grid_size(n, scale, predicted is not None, images.shape[1])
+    side = images.shape[1] * scale
     tile_w, tile_h = width // cols, height // rows
     canvas = Image.fromarray(_tiles(images, scale, cols, tile_h - side - 2 * PAD))
     draw = ImageDraw.Draw(canvas)
@@ -137,13 +140,13 @@ def render_grid(images: np.ndarray, labels: list[str], predicted: list[str] | No
 
 
 def _tiles(images: np.ndarray, scale: int, cols: int, label_px: int) -> np.ndarray:
-    """The images laid out by torchvision's make_grid: each (32, 32, 3) image magnified `scale`
+    """The images laid out by torchvision's make_grid: each (S, S, 3) image magnified `scale`
     times by repeating pixels (no smoothing), a white band of `label_px` under it for its labels,
     and PAD of white around every tile. Returns (H, W, 3) uint8 of grid_size()."""
     import torch
     from torchvision.utils import make_grid
 
-    x = torch.as_tensor(images).permute(0, 3, 1, 2)  # (n, 3, 32, 32) uint8
+    x = torch.as_tensor(images).permute(0, 3, 1, 2)  # (n, 3, S, S) uint8
     x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     x = torch.nn.functional.pad(x, (0, 0, 0, label_px), value=255)
     if len(x) == 1:  # make_grid returns a single image as it is, without padding

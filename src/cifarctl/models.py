@@ -104,6 +104,15 @@ def config_num_classes(name: str, config: dict[str, Any]) -> int:
     return inspect.signature(_REGISTRY[name]).parameters["num_classes"].default
 
 
+def check_image_size(name: str, size: int) -> None:
+    """Refuse images of a size model `name` is not defined for (the tutorial net's first fully
+    connected layer fixes 32x32; the others pool globally and take any size)."""
+    fixed = getattr(_REGISTRY.get(name), "fixed_size", None)
+    if fixed is not None and size != fixed:
+        raise UsageError(f"the {name} model is defined for {fixed}x{fixed} images and this dataset's are "
+                         f"{size}x{size}; use --model fast or --model resnet18")
+
+
 def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
     """Build model `name` from its config (keyword arguments of its constructor), checked first."""
     config = config or {}
@@ -118,12 +127,14 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
 class TutorialNet(nn.Module):
     """The PyTorch tutorial's LeNet-style network, layer for layer."""
 
+    fixed_size = 32
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 5)
         self.pool = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)  # 5x5 after two conv+pool stages: the net takes 32x32 only
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
@@ -197,15 +208,23 @@ class FastNet(nn.Module):
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the stem's filters to the whitening transform of the 2x2 patches of `images`
-        (N, 3, 32, 32): the top eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue),
-        each used with both signs."""
+        (N, 3, H, W): the top eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue),
+        each used with both signs. The moments are summed in float64 over chunks of images, so
+        the patches (12 floats per pixel) never exist for all images at once."""
         conv = self.stem[0]
         if conv.kernel_size != (2, 2):
             return
-        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # (N, 3, 31, 31, 2, 2)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # (N*31*31, 12), as (c, kh, kw)
-        patches = patches - patches.mean(0)
-        cov = patches.T @ patches / len(patches)
+        total = torch.zeros(12, dtype=torch.float64, device=images.device)
+        outer = torch.zeros((12, 12), dtype=torch.float64, device=images.device)
+        count = 0
+        for start in range(0, len(images), 500):
+            patches = images[start:start + 500].double().unfold(2, 2, 1).unfold(3, 2, 1)  # (n, 3, H-1, W-1, 2, 2)
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)  # (n*(H-1)*(W-1), 12), as (c, kh, kw)
+            total += patches.sum(0)
+            outer += patches.T @ patches
+            count += len(patches)
+        mean = total / max(count, 1)
+        cov = outer / max(count, 1) - torch.outer(mean, mean)
         eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
         k = conv.out_channels // 2
         filters = (eigvecs[:, -k:].T / torch.sqrt(eigvals[-k:, None] + eps)).view(k, 3, 2, 2)

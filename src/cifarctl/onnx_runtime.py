@@ -50,13 +50,13 @@ def session(model: bytes | str, threads: int = 0) -> Any:
 
 
 def run_pixels(sess: Any, pixels: np.ndarray) -> np.ndarray:
-    """Logits (N, C) float32 of a session for float32 RGB pixels in [0, 1], (N, 3, 32, 32)."""
+    """Logits (N, C) float32 of a session for float32 RGB pixels in [0, 1], (N, 3, S, S)."""
     name = sess.get_inputs()[0].name
     return np.asarray(sess.run(None, {name: np.ascontiguousarray(pixels, np.float32)})[0], np.float32)
 
 
 def to_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 HWC (N, 32, 32, 3) -> float32 NCHW in [0, 1], the exported graph's input."""
+    """uint8 HWC (N, S, S, 3) -> float32 NCHW in [0, 1], the exported graph's input."""
     return np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2), np.float32) / np.float32(255)
 
 
@@ -72,8 +72,13 @@ class OnnxClassifier:
     def class_names(self) -> list[str]:
         return self.meta["class_names"]
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square input images (exports from before 64x64 datasets: 32)."""
+        return self.meta["image_size"]
+
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits (N, C) float32 for uint8 HWC images (N, 32, 32, 3), in batches."""
+        """Logits (N, C) float32 for uint8 HWC images (N, S, S, 3), in batches."""
         outs = [run_pixels(self.session, to_pixels(images[i:i + batch_size]))
                 for i in range(0, len(images), batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
@@ -125,6 +130,10 @@ def read_meta(path: Path, props: dict[str, str]) -> dict[str, Any]:
     if not isinstance(meta.get("model"), str):
         raise bad("'model' is not a name")
     meta.setdefault("tta", "none")
+    size = str(meta.get("image_size", "32"))
+    if not (size.isascii() and size.isdigit() and 8 <= int(size) <= 512):
+        raise bad("'image_size' is not a whole number in [8, 512]")
+    meta["image_size"] = int(size)
     return meta
 
 

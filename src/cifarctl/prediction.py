@@ -24,6 +24,7 @@ class Backend:
     model: str
     class_names: list[str]
     probabilities: Callable[[np.ndarray], np.ndarray]
+    image_size: int = 32  # files are read at the size the model was trained on
 
 
 def load_backend(weights_path: Path, device: str = "auto", batch_size: int = 256) -> Backend:
@@ -35,7 +36,7 @@ def load_backend(weights_path: Path, device: str = "auto", batch_size: int = 256
 
         onnx = load_onnx(weights_path)
         return Backend(onnx.meta["model"], list(onnx.class_names),
-                       lambda images: softmax(onnx.logits(images, batch_size)))
+                       lambda images: softmax(onnx.logits(images, batch_size)), onnx.image_size)
     import torch
 
     from cifarctl.device import resolve_device
@@ -44,7 +45,8 @@ def load_backend(weights_path: Path, device: str = "auto", batch_size: int = 256
 
     weights = load_weights(weights_path, str(resolve_device(device)))
     return Backend(weights.meta["model"], list(weights.class_names),
-                   lambda images: torch.softmax(predict_logits(weights, images, batch_size), 1).cpu().numpy())
+                   lambda images: torch.softmax(predict_logits(weights, images, batch_size), 1).cpu().numpy(),
+                   weights.image_size)
 
 
 def ranked(probs: np.ndarray, k: int) -> np.ndarray:
@@ -68,7 +70,7 @@ def predict_files(cfg: PredictConfig, reporter: Reporter) -> dict[str, Any]:
     with progress.task("classifying", len(files)) as task:
         for start in range(0, len(files), cfg.batch_size):
             chunk = files[start:start + cfg.batch_size]
-            images, ok, failed = load_images(chunk)  # (m, 32, 32, 3) uint8
+            images, ok, failed = load_images(chunk, backend.image_size)  # (m, S, S, 3) uint8
             problems += failed
             probs = backend.probabilities(images)  # (m, C) float32
             top = ranked(probs, k)

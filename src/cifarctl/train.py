@@ -32,7 +32,7 @@ from cifarctl.device import configure, preserved_torch_state, resolve_device, re
 from cifarctl.distributed import World
 from cifarctl.errors import CifarctlError, Interrupted, UsageError
 from cifarctl.metrics import evaluate
-from cifarctl.models import build_model
+from cifarctl.models import build_model, check_image_size
 from cifarctl.progress import Reporter
 from cifarctl.rundir import RunDir
 from cifarctl.steppers import Stepper, make_stepper
@@ -234,6 +234,7 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     mean, std = NORMALIZATION["tutorial"] if cfg.normalization == "tutorial" else dataset_stats(ds)
     # bf16 runs normalise into bf16: the batches the model sees are bf16 under autocast anyway.
     prep = Preprocess(mean, std, device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+    check_image_size(cfg.model, ds.train.images.shape[1])
     images, test_x = place_images(ds, device, reporter)
     labels, kept = ds.train.labels, None
     val_x = val_y = None
@@ -488,7 +489,8 @@ def _validate(run: Run, reporter: Reporter, row: dict[str, Any]) -> None:
 def _weights_meta(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     meta = {"model": cfg.model, "model_config": run.model_config, "class_names": run.ds.class_names,
-            "dataset": cfg.dataset, "mean": run.mean, "std": run.std, "epochs": str(run.epoch),
+            "dataset": cfg.dataset, "image_size": str(run.ds.train.images.shape[1]), "mean": run.mean,
+            "std": run.std, "epochs": str(run.epoch),
             "tta": cfg.tta if run.tta_used else "none", "precision": cfg.precision, "seed": str(cfg.seed),
             "cifarctl_version": __version__, "torch_version": torch.__version__, "train_config": cfg.to_json(),
             "elapsed_s": f"{run.seconds():.1f}"}

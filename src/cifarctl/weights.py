@@ -37,6 +37,11 @@ class Weights:
         """The classes the model predicts, in output order."""
         return self.meta["class_names"]
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model was trained on (files from before 64x64 datasets: 32)."""
+        return int(self.meta.get("image_size", 32))
+
 
 _JSON_FIELDS = ("model_config", "class_names", "mean", "std", "train_config")
 
