@@ -107,16 +107,20 @@ def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
 
 
 def test_stale_extraction_folder_is_cleaned_on_the_next_download(tmp_path: Path) -> None:
-    """A .extract-PID folder of a killed import is removed by the next download into that data dir."""
+    """A .extract-PID folder and the .spool-PID-* files of a killed import are removed by the next
+    download into that data dir; the new import leaves no spool of its own behind."""
     from fakecifar import build_image_tree
 
     data_dir = tmp_path / "data"
     stale = data_dir / f".extract-{DEAD_PID}"
     (stale / "train").mkdir(parents=True)
+    spool = data_dir / f".spool-{DEAD_PID}-0-train_images.raw"
+    spool.write_bytes(b"\0" * 3072)
     tree = build_image_tree(tmp_path / "src", ["cat", "dog"])
     result = cli("download", "--data-dir", data_dir, "--source", tree.root)
     assert result.exit_code == 0, result.output
-    assert not stale.exists()
+    assert not stale.exists() and not spool.exists()
+    assert not list(data_dir.glob(".spool-*"))
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "device"])

@@ -161,8 +161,12 @@ class TrainBatches:
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Normalised, unaugmented training images `idx`: (len(idx), 3, H, W) on the device."""
+        return self.prep(self.images[self._rows(idx)])
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of `images` holding training images `idx`, on the images' device."""
         rows = idx if self.rows is None else self.rows[idx.to(self.rows.device)]
-        return self.prep(self.images[rows.to(self.images.device)])
+        return rows.to(self.images.device)
 
     def _load(self, idx: torch.Tensor) -> torch.Tensor:
         """`gather`, into buffers kept from the last chunk (so its batches must be used up by now)."""
@@ -171,8 +175,7 @@ class TrainBatches:
             shape = (max(n, self.per_chunk), self.size, self.size)
             self._buffers = (torch.empty((*shape, 3), dtype=torch.uint8, device=self.images.device),
                              torch.empty((shape[0], 3, *shape[1:]), dtype=torch.float32, device=self.prep.device))
-        rows = idx if self.rows is None else self.rows[idx.to(self.rows.device)]
-        u8 = torch.index_select(self.images, 0, rows.to(self.images.device), out=self._buffers[0][:n])
+        u8 = torch.index_select(self.images, 0, self._rows(idx), out=self._buffers[0][:n])
         return self.prep(u8, out=self._buffers[1][:n])
 
     def __call__(self, step: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
