@@ -189,6 +189,7 @@ def _calibrate(cfg, width: str | None, sample, classes: int, device) -> tuple[fl
     from cifarctl.config import parse_widths
     from cifarctl.device import autocast
     from cifarctl.distributed import World
+    from cifarctl.metrics import eval_batch
     from cifarctl.models import build_model
     from cifarctl.steppers import AutogradStepper
 
@@ -208,9 +209,10 @@ def _calibrate(cfg, width: str | None, sample, classes: int, device) -> tuple[fl
         stepper(x, y)
         times.append(time.perf_counter() - t)
     model.eval()
+    xe = x[:eval_batch(device)]  # timed at the batch size the final scoring uses
     with torch.no_grad(), autocast(device, cfg.precision == "bf16"):
-        model(x)  # the first inference pass also pays for kernel selection
+        model(xe)  # the first inference pass also pays for kernel selection
         t = time.perf_counter()
-        model(x)
-        image_s = (time.perf_counter() - t) / n
+        model(xe)
+        image_s = (time.perf_counter() - t) / len(xe)
     return min(times[1:]) * cfg.batch_size / n, image_s
