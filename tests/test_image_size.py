@@ -4,6 +4,7 @@ unpacks, and train, evaluate, predict and show-batch at the size recorded in the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,21 @@ def test_tiny_imagenet_annotations_cannot_reach_outside_val(tmp_path: Path) -> N
     notes.write_text(notes.read_text() + "val_0.JPEG\tn99999999\t0\t0\t1\t1\n")
     result = cli("download", "--source", root, "--name", "u", "--data-dir", tmp_path / "d")
     assert result.exit_code == 1 and "n99999999" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["val/val_annotations.txt", "words.txt"])
+def test_tiny_imagenet_text_files_that_are_fifos_are_refused_not_read(tmp_path: Path, name: str) -> None:
+    """A FIFO in place of one of Tiny ImageNet's lists is one error line, never a read that blocks."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "tiny"
+    tiny_imagenet(root)
+    (root / name).unlink()
+    os.mkfifo(root / name)
+    out = subprocess.run([sys.executable, "-m", "cifarctl", "download", "--source", str(root), "--name", "t",
+                          "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "not a regular file" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_image_size_is_checked_and_rebuilds_a_cache_of_another_size(tmp_path: Path) -> None:

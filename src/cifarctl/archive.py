@@ -8,7 +8,6 @@ import contextlib
 import gzip
 import io
 import lzma
-import os
 import pickle
 import tarfile
 import zlib
@@ -17,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from cifarctl.config import env_number
-from cifarctl.errors import CifarctlError, UsageError
+from cifarctl.errors import CifarctlError
 
 # The official archive unpacks to about 178 MB; 8 GiB admits any image-folder dataset a laptop
 # would import as a tar, yet stops a gzip bomb (1 GiB of zeros compresses to 1 MiB) long before

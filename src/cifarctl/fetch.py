@@ -6,7 +6,6 @@ import contextlib
 import errno
 import hashlib
 import http.client
-import os
 import re
 import socket
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarctl.config import env_number
-from cifarctl.errors import CifarctlError, UsageError
+from cifarctl.errors import CifarctlError
 from cifarctl.progress import Reporter
 
 CHUNK = 1 << 20  # 1 MiB reads keep Python overhead negligible at any link speed

@@ -17,7 +17,7 @@ import numpy as np
 
 from cifarctl.config import MIN_CLASSES
 from cifarctl.errors import CifarctlError, UsageError
-from cifarctl.images import IMAGE_SUFFIXES, ImageError, load_image_counted, walk_files
+from cifarctl.images import IMAGE_SUFFIXES, ImageError, load_image_counted, open_regular, walk_files
 from cifarctl.progress import Reporter
 from cifarctl.tensorfile import Spool
 
@@ -126,7 +126,7 @@ def tiny_imagenet_layout(root: Path) -> Layout:
     if len(set(wnids)) != len(wnids):
         raise CifarctlError(f"{root / 'wnids.txt'} lists a class twice")
     words = {}
-    if (root / "words.txt").is_file():
+    if os.path.lexists(root / "words.txt"):
         for line in _read_small(root / "words.txt").splitlines():
             wnid, _, text = line.partition("\t")
             words[wnid.strip()] = text.split(",")[0].strip()
@@ -135,7 +135,7 @@ def tiny_imagenet_layout(root: Path) -> Layout:
     train = [(label[w], root / "train" / w) for w in wnids if (root / "train" / w).is_dir()]
     files: dict[str, list[tuple[int, Path]]] = {"test": []}
     notes = root / "val" / "val_annotations.txt"
-    if not notes.is_file():
+    if not os.path.lexists(notes):
         raise CifarctlError(f"{root} looks like Tiny ImageNet (wnids.txt) but has no val/val_annotations.txt")
     for line in _read_small(notes).splitlines():
         fields = line.split("\t")
@@ -157,8 +157,13 @@ def _unique_names(names: list[str], ids: list[str]) -> list[str]:
 
 
 def _read_small(path: Path, limit: int = 16 << 20) -> str:
-    """A text file of at most `limit` bytes (a list of classes is never bigger)."""
-    with open(path, "rb") as f:
+    """A regular text file of at most `limit` bytes (a list of classes is never bigger); a FIFO or
+    device in its place is refused, not opened for a read that could block."""
+    try:
+        f = open_regular(path)
+    except ImageError as err:
+        raise CifarctlError(f"{path}: {err}") from err
+    with f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise CifarctlError(f"{path} is larger than {limit >> 20} MiB; it is not a list of classes")

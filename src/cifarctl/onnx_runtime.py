@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cifarctl.errors import UsageError
+from cifarctl.weights import ModelInfo
 
 ONNX_FORMAT = "cifarctl-onnx"
 INSTALL_HINT = "pip install 'cifarctl[export]'"
@@ -61,21 +62,12 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class OnnxClassifier:
+class OnnxClassifier(ModelInfo):
     """An exported model ready to run, with its checked metadata."""
 
     path: Path
     session: Any
     meta: dict[str, Any]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.meta["class_names"]
-
-    @property
-    def image_size(self) -> int:
-        """The side of the square input images (exports from before 64x64 datasets: 32)."""
-        return self.meta["image_size"]
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Logits (N, C) float32 for uint8 HWC images (N, S, S, 3), in batches."""

@@ -25,11 +25,10 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors names; all are read
 _EXACT_DTYPES = {"torch.int64": "I64", "torch.int32": "I32", "torch.uint8": "U8", "torch.bool": "BOOL"}
 
 
-@dataclass
-class Weights:
-    """A model rebuilt from a weights file, with the file's metadata (JSON fields decoded)."""
+class ModelInfo:
+    """What a model's checked metadata says about its inputs and outputs: weights files and
+    exported files alike."""
 
-    model: Any  # torch.nn.Module in eval mode
     meta: dict[str, Any]
 
     @property
@@ -41,6 +40,14 @@ class Weights:
     def image_size(self) -> int:
         """The side of the square images the model was trained on (files from before 64x64 datasets: 32)."""
         return int(self.meta.get("image_size", 32))
+
+
+@dataclass
+class Weights(ModelInfo):
+    """A model rebuilt from a weights file, with the file's metadata (JSON fields decoded)."""
+
+    model: Any  # torch.nn.Module in eval mode
+    meta: dict[str, Any]
 
 
 _JSON_FIELDS = ("model_config", "class_names", "mean", "std", "train_config")
