@@ -123,6 +123,8 @@ def test_image_size_is_checked_and_rebuilds_a_cache_of_another_size(tmp_path: Pa
     for bad in ("7", "513"):
         result = cli("download", "--source", tmp_path / "src", "--name", "s", "--image-size", bad)
         assert result.exit_code == 2 and "--image-size" in result.output
+    result = cli("download", "--image-size", "64", "--data-dir", tmp_path / "official")  # before any download
+    assert result.exit_code == 2 and "32x32" in result.output and not (tmp_path / "official").exists()
     for size in (48, 16):
         ok(cli("download", "--source", tmp_path / "src", "--name", "s", "--image-size", size, "--test-split", "0.34",
                "--data-dir", tmp_path / "d", "--json"))

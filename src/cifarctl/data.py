@@ -323,6 +323,9 @@ def download(cfg: DownloadConfig, reporter: Reporter) -> dict[str, Any]:
                          f"folder as it with --source DIR_OR_TAR --name {cfg.dataset}")
     if cfg.image_size is not None and not MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE:
         raise UsageError(f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, not {cfg.image_size}")
+    if cfg.image_size not in (None, SIZE) and cfg.source is None:  # refused before a 170 MB download
+        raise UsageError(f"the official {cfg.dataset} release is {SIZE}x{SIZE}; --image-size is for image folders "
+                         "(--source DIR_OR_TAR)")
     if cfg.source is not None and not _is_url(cfg.source) and not Path(cfg.source).expanduser().exists():
         raise UsageError(f"source {cfg.source} does not exist; pass an http(s) URL, a .tar.gz or a folder")
     if not cfg.force and (summary := _cached(cfg, cache, reporter)):
