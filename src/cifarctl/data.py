@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import urllib.parse
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -87,12 +86,6 @@ def _content_md5(arrays: dict[str, Any]) -> str:
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
-
-
-def _digests(arrays: dict[str, Any]) -> dict[str, str]:
-    """crc32 per array: catches flipped bits in the pixels, and reads CIFAR-10's 185 MB in about
-    0.07 s here (md5 takes 0.28 s), cheap enough to check on every load."""
-    return {name: f"{zlib.crc32(memoryview(_as_numpy(a)).cast('B')):08x}" for name, a in sorted(arrays.items())}
 
 
 def _check_content(meta: dict[str, str], arrays: dict[str, Any], path: Path) -> None:
