@@ -157,3 +157,27 @@ def test_every_tile_holds_its_image_magnified_with_white_around(n: int, scale: i
         tile = png[y0:y0 + side, x0:x0 + side]
         assert np.array_equal(tile, image.repeat(scale, 0).repeat(scale, 1))
     assert (png[:grid.PAD] == 255).all() and (png[:, :grid.PAD] == 255).all()
+
+
+@pytest.mark.parametrize("failure", [ImportError("No module named 'torchvision'"),
+                                     RuntimeError("operator torchvision::nms does not exist")])
+def test_a_torchvision_that_cannot_load_is_one_line_naming_the_fix(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                                  failure: Exception) -> None:
+    """A missing torchvision, or one built for another torch, is one line naming the matching install; no file."""
+    import sys
+    import types
+
+    broken = types.ModuleType("torchvision.utils")
+
+    def fail(name: str):
+        raise failure
+
+    broken.__getattr__ = fail
+    monkeypatch.setitem(sys.modules, "torchvision.utils", broken)
+    out = tmp_path / "grid.png"
+    result = cli("show-batch", "--data-dir", data_dir, "--out", out)
+    assert result.exit_code == 1 and not out.exists()
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "does not load with torch" in line and "download.pytorch.org/whl/cpu" in line
+    assert str(failure) in line

@@ -144,8 +144,8 @@ def _tiles(images: np.ndarray, scale: int, cols: int, label_px: int) -> np.ndarr
     times by repeating pixels (no smoothing), a white band of `label_px` under it for its labels,
     and PAD of white around every tile. Returns (H, W, 3) uint8 of grid_size()."""
     import torch
-    from torchvision.utils import make_grid
 
+    make_grid = _make_grid()
     x = torch.as_tensor(images).permute(0, 3, 1, 2)  # (n, 3, S, S) uint8
     x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
     x = torch.nn.functional.pad(x, (0, 0, 0, label_px), value=255)
@@ -156,6 +156,31 @@ def _tiles(images: np.ndarray, scale: int, cols: int, label_px: int) -> np.ndarr
         # the edges is the layout grid_size() describes, so the outer PAD is cut off again.
         grid = make_grid(x, nrow=cols, padding=2 * PAD, pad_value=255)[:, PAD:-PAD, PAD:-PAD]
     return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def _make_grid():
+    """torchvision's make_grid, or one line naming the fix when torchvision cannot load: a wheel
+    built for another torch (PyPI's CUDA torchvision beside a CPU-only torch fails with
+    "operator torchvision::nms does not exist")."""
+    import torch
+
+    try:
+        from torchvision.utils import make_grid
+    except (ImportError, RuntimeError, OSError) as err:
+        raise CifarctlError(
+            f"torchvision {_version('torchvision')} does not load with torch {torch.__version__} "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); install the matching pair from "
+            "one index, e.g. pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu") from err
+    return make_grid
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def preview_text(batch: Batch, width: int, color_system: str | None) -> str:
