@@ -19,18 +19,36 @@ from cifarctl.errors import UsageError
 from cifarctl.progress import Reporter
 from cifarctl.train import train
 
-WIDEST, DEFAULT, SMALL, TINY = (w for w, _ in budget.LADDERS["fast"])
-EPOCH_S = {WIDEST: 30.0, DEFAULT: 16.0, SMALL: 8.0, TINY: 3.0}
+WIDEST, DEFAULT, SMALL, CHEAP, TINY = (w for w, _ in budget.LADDERS["fast"])
+EPOCH_S = {WIDEST: 30.0, DEFAULT: 16.0, SMALL: 8.0, CHEAP: 5.0, TINY: 3.0}
 FINAL_S = {w: 8.0 for w in EPOCH_S}
 
 
 def test_larger_budgets_get_more_epochs_and_wider_networks() -> None:
     """More time never plans fewer epochs at the same width, and buys a wider network once it pays."""
     plans = {b: make_plan("fast", b, 5.0, EPOCH_S, FINAL_S) for b in (30, 60, 180, 300, 600)}
-    assert [plans[b].width for b in (60, 180, 600)] == [SMALL, DEFAULT, WIDEST]
+    assert [plans[b].width for b in (30, 60, 180, 600)] == [TINY, CHEAP, DEFAULT, WIDEST]
     for b, plan in plans.items():
         assert plan.expected_s <= b * budget.SAFETY + 1e-9 and plan.epochs >= 1
     assert plans[180].epochs < plans[300].epochs
+
+
+@pytest.mark.parametrize(("budget_s", "timed", "width"), [
+    (40, [TINY, CHEAP], TINY), (120, [TINY, CHEAP, SMALL], CHEAP), (2000, [TINY, CHEAP, SMALL, DEFAULT, WIDEST], WIDEST)])
+def test_calibration_times_the_narrowest_rungs_first_and_stops_at_the_first_that_does_not_fit(
+        monkeypatch, budget_s: float, timed: list[str], width: str) -> None:
+    """A small budget spends no time timing networks it cannot afford; the plan takes the widest rung that fits."""
+    seen = []
+    steps = {TINY: 0.01, CHEAP: 0.02, SMALL: 0.04, DEFAULT: 0.08, WIDEST: 0.16}  # seconds per step of 100 images
+
+    def calibrate(cfg, width, *args):
+        seen.append(width)
+        return steps[width], 1e-5
+
+    monkeypatch.setattr(budget, "_calibrate", calibrate)
+    cfg = train_config("fast", budget=budget_s, batch_size=100)
+    plan = budget.plan_run(cfg, None, 50_000, 10_000, 10, "cpu", Reporter(), 2.0)
+    assert seen == timed and plan.width == width == cfg.width
 
 
 def test_too_small_a_budget_is_one_clear_line() -> None:
