@@ -100,11 +100,13 @@ def test_a_steady_machine_runs_every_planned_step() -> None:
     assert done == 100
 
 
-def test_budget_and_epochs_together_is_a_usage_error(tiny_data_dir: Path, tmp_path: Path) -> None:
-    """--budget with --epochs exits 2 with one line; so does --budget with the tutorial model."""
-    result = CliRunner().invoke(app, ["train", "--model", "fast", "--budget", "60", "--epochs", "3",
+@pytest.mark.parametrize("option", [["--epochs", "3"], ["--width", "16,32,64"]])
+def test_budget_with_epochs_or_width_is_a_usage_error(tiny_data_dir: Path, tmp_path: Path, option: list[str]) -> None:
+    """--budget with --epochs or --width (both of which it plans) exits 2 with one line; so does the tutorial model."""
+    result = CliRunner().invoke(app, ["train", "--model", "fast", "--budget", "60", *option,
                                       "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "not both" in result.output
+    assert result.exit_code == 2 and f"give --budget or {option[0]}, not both" in result.output
+    assert not (tmp_path / "r").exists()
     result = CliRunner().invoke(app, ["train", "--budget", "60", "--data-dir", str(tiny_data_dir),
                                       "-o", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--model fast or resnet18" in result.output

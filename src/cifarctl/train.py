@@ -182,8 +182,10 @@ def resolve_config(cfg: TrainConfig, resume: Path | None,
         cfg.output_dir = run.root
     elif cfg.seed is None:
         cfg.seed = secrets.randbelow(2**31)
-    if cfg.budget is not None and overrides.get("epochs") is not None and run is None:
-        raise UsageError("--budget plans the number of epochs itself; give --budget or --epochs, not both")
+    if cfg.budget is not None and run is None:
+        for key, what in (("epochs", "the number of epochs"), ("width", "the width")):
+            if overrides.get(key) is not None:
+                raise UsageError(f"--budget plans {what} itself; give --budget or --{key}, not both")
     cfg.validate()
     return cfg, run
 
