@@ -53,7 +53,8 @@ def main() -> None:
         s = run_seed(args, data_dir, seed)
         results.append(s)
         plan = s.get("plan")
-        planned = f"  planned {plan['epochs']} ep{' at ' + plan['width'] if plan['width'] else ''}, ran " \
+        epochs = plan.get("train_epochs") or plan["epochs"]
+        planned = f"  planned {epochs:g} ep{' at ' + plan['width'] if plan['width'] else ''}, ran " \
                   f"{s['epochs_run']} ep ({s['stop_reason']})" if plan else ""
         print(f"seed {seed}: plain {100 * s['test_accuracy_plain']:.2f}%  {s['tta']} TTA "
               f"{100 * s['test_accuracy']:.2f}%  wall {s['wall']:.1f} s  train {s['train_time_s']:.1f} s  "

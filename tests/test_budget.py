@@ -51,6 +51,15 @@ def test_calibration_times_the_narrowest_rungs_first_and_stops_at_the_first_that
     assert seen == timed and plan.width == width == cfg.width
 
 
+def test_the_plan_keeps_the_part_of_an_epoch_that_fits() -> None:
+    """1.8 epochs of time train 1.8 epochs (2 begun), not 1: rounding down would waste up to an epoch."""
+    plan = make_plan("fast", 60, 7.0, {TINY: 19.5}, {TINY: 11.8})
+    assert plan.width == TINY and plan.train_epochs == 1.8 and plan.epochs == 2
+    assert plan.expected_s <= 60 * budget.SAFETY
+    assert budget.planned_steps(plan.to_json(), 196) == 352
+    assert budget.planned_steps({"epochs": 3}, 196) == 588  # a plan recorded before fractional epochs
+
+
 def test_too_small_a_budget_is_one_clear_line() -> None:
     """A budget that cannot hold one epoch says how much would be needed."""
     with pytest.raises(UsageError, match="too small for even one epoch"):
@@ -114,17 +123,24 @@ def test_budget_with_epochs_or_width_is_a_usage_error(tiny_data_dir: Path, tmp_p
 
 def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
-    """A budgeted run uses, prints and records its plan; resuming keeps it instead of planning again."""
+    """A budgeted run uses, prints and records its plan, stops at its planned step inside the last epoch;
+    resuming keeps the plan instead of planning again."""
+    from cifarctl.steppers import AutogradStepper
+
     # Calibration as if each step took 0.5 s and each evaluated image 1 ms: an epoch (4 steps) is 2 s,
-    # the end 3.7 s, so 3 epochs fit 90% of 12 s.
+    # the end 3.7 s, so about 3.5 epochs fit 90% of 12 s: 4 epochs begun, the last one cut short.
     monkeypatch.setattr(budget, "_calibrate", lambda cfg, width, *a: (0.5, 0.001))
     monkeypatch.setattr(budget, "LADDERS", {"fast": [("8,8,8", 1)]})
+    steps = []
+    step = AutogradStepper.__call__
+    monkeypatch.setattr(AutogradStepper, "__call__", lambda self, x, y: steps.append(1) or step(self, x, y))
     cfg = train_config("fast", budget=12.0, batch_size=64, seed=0, data_dir=tiny_data_dir,
                        output_dir=tmp_path / "r")
     s = train(cfg, Reporter())
     plan = s["plan"]
-    assert plan["width"] == "8,8,8" and plan["epochs"] == 3
-    assert s["epochs"] == 3 and s["tta"] == "flip-translate"
+    assert plan["width"] == "8,8,8" and 3 < plan["train_epochs"] < 4 and plan["epochs"] == 4
+    assert len(steps) == int(plan["train_epochs"] * 4) and s["stop_reason"] == "epochs"
+    assert s["epochs"] == 4 and s["tta"] == "flip-translate"
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["plan"] == plan and config["budget"] == 12.0
     resumed = train(train_config(), Reporter(), resume=tmp_path / "r", overrides={})

@@ -39,14 +39,23 @@ class Plan:
 
     budget_s: float
     width: str | None
-    epochs: int
+    epochs: int  # epochs begun: train_epochs rounded up
     epoch_s: float  # estimated seconds per epoch at this width
     final_eval_s: float  # estimated seconds of the final (TTA) evaluation and file writing
     start_s: float  # seconds already spent when the plan was made (start-up, calibration)
-    expected_s: float  # start_s + epochs * epoch_s + final_eval_s
+    expected_s: float  # start_s + train_epochs * epoch_s + final_eval_s
+    # The epochs that fit, to 1/100: the last one is cut there, with the schedule set for that
+    # length, so no budget loses up to an epoch to rounding down (at 60 s, 1.8 epochs fit).
+    train_epochs: float = 0.0
 
     def to_json(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def planned_steps(plan: dict, steps_per_epoch: int) -> int:
+    """The optimizer steps a recorded plan trains for (plans from before fractional epochs: whole ones)."""
+    epochs = plan.get("train_epochs") or plan["epochs"]
+    return max(1, min(plan["epochs"] * steps_per_epoch, math.floor(epochs * steps_per_epoch)))
 
 
 def make_plan(model: str, budget_s: float, start_s: float, epoch_s: dict[str | None, float],
@@ -60,14 +69,14 @@ def make_plan(model: str, budget_s: float, start_s: float, epoch_s: dict[str | N
     for width, min_epochs in LADDERS[model]:
         if width not in epoch_s:
             continue
-        epochs = min(MAX_EPOCHS, math.floor((usable - final_eval_s[width]) / epoch_s[width]))
-        plan = Plan(budget_s, width, epochs, epoch_s[width], final_eval_s[width], start_s,
-                    start_s + epochs * epoch_s[width] + final_eval_s[width])
-        if epochs >= min_epochs:
+        fit = min(MAX_EPOCHS, math.floor(100 * (usable - final_eval_s[width]) / epoch_s[width]) / 100)
+        plan = Plan(budget_s, width, math.ceil(fit), epoch_s[width], final_eval_s[width], start_s,
+                    start_s + fit * epoch_s[width] + final_eval_s[width], fit)
+        if fit >= min_epochs:
             return plan
-        if best is None or epochs > best.epochs:
+        if best is None or fit > best.train_epochs:
             best = plan
-    if best is None or best.epochs < 1:
+    if best is None or best.train_epochs < 1:
         need = start_s + min(epoch_s[w] + final_eval_s[w] for w in epoch_s)
         raise UsageError(f"--budget {budget_s:g} s is too small for even one epoch on this machine (about "
                          f"{need / SAFETY:.0f} s needed, {start_s:.0f} s of them already spent starting and "
@@ -180,9 +189,10 @@ def plan_run(cfg, sample, n_train: int, n_test: int, classes: int, device, repor
     plan = make_plan(cfg.model, cfg.budget, spent_s + time.perf_counter() - t0, epoch_s, final_s)
     cfg.width, cfg.epochs = plan.width, plan.epochs
     cfg.eval_every = 0  # the per-epoch test pass is time the plan spends on training instead
-    cfg.warmup_epochs = min(cfg.warmup_epochs, max(plan.epochs / 4, 0.25))
+    cfg.warmup_epochs = min(cfg.warmup_epochs, max(plan.train_epochs / 4, 0.25))
     cfg.plan = plan.to_json()
-    reporter.log(f"budget {cfg.budget:g} s: {plan.epochs} epochs" + (f" at width {plan.width}" if plan.width else "")
+    reporter.log(f"budget {cfg.budget:g} s: {plan.train_epochs:g} epochs"
+                 + (f" at width {plan.width}" if plan.width else "")
                  + f", about {plan.epoch_s:.1f} s each; expected to end after {plan.expected_s:.0f} s")
     return plan
 

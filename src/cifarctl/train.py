@@ -91,7 +91,8 @@ class Run:
     val_loss: float | None = None
     stop_reason: str | None = None
     clock: Any = None  # budget.BudgetClock under --budget
-    steps_cap: int | None = None  # the step count --budget shortened the run to
+    steps_cap: int | None = None  # the step count --budget planned, or shortened the run to
+    planned_steps: int | None = None  # the step count --budget planned (its last epoch may be partial)
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -147,11 +148,14 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
     state = checkpoint.load(out.checkpoint) if resuming else None
     run = setup(cfg, out, device, world, reporter, fresh=state is None, started=started)
     if cfg.plan is not None:
-        from cifarctl.budget import BudgetClock
+        from cifarctl.budget import BudgetClock, planned_steps
 
         # A resumed run has the budget its first process left; a new one counts from `started`.
         spent = run.elapsed if state is not None else time.perf_counter() - started
         run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"], steps_per_epoch=run.steps_per_epoch)
+        run.planned_steps = run.steps_cap = planned_steps(cfg.plan, run.steps_per_epoch)
+        if run.lookahead is not None:
+            run.lookahead.total_steps = run.total_steps
     if state is not None:
         restore(run, *state)
         reporter.log(f"resuming {out.root} at epoch {run.epoch + 1}, step {run.step}")
@@ -388,7 +392,8 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
     epoch_time = time.perf_counter() - t_epoch
     n = len(run.train_y)
     images = min(run.step * run.global_batch, n) - min(first * run.global_batch, n)
-    if run.steps_cap is not None and run.epoch * run.steps_per_epoch + run.step >= run.total_steps:
+    if run.steps_cap is not None and run.epoch * run.steps_per_epoch + run.step >= run.total_steps \
+            and run.total_steps < (run.planned_steps or run.steps_per_epoch * cfg.epochs):
         run.stop_reason = f"--budget: shortened to {run.total_steps} steps to end in time"
     run.train_time += epoch_time
     run.trained_images += images
