@@ -19,7 +19,7 @@ from cifarctl.errors import UsageError
 from cifarctl.progress import Reporter
 from cifarctl.train import train
 
-WIDEST, DEFAULT, SMALL, CHEAP, TINY = (w for w, _ in budget.LADDERS["fast"])
+WIDEST, DEFAULT, SMALL, CHEAP, TINY = (r.width for r in budget.LADDERS["fast"])
 EPOCH_S = {WIDEST: 30.0, DEFAULT: 16.0, SMALL: 8.0, CHEAP: 5.0, TINY: 3.0}
 FINAL_S = {w: 8.0 for w in EPOCH_S}
 
@@ -58,6 +58,23 @@ def test_the_plan_keeps_the_part_of_an_epoch_that_fits() -> None:
     assert plan.expected_s <= 60 * budget.SAFETY
     assert budget.planned_steps(plan.to_json(), 196) == 352
     assert budget.planned_steps({"epochs": 3}, 196) == 588  # a plan recorded before fractional epochs
+
+
+def test_the_narrowest_rung_brings_its_batch_size_and_learning_rate() -> None:
+    """A plan on a rung with its own batch size and learning rate records them; the others keep the preset's."""
+    small = make_plan("fast", 60, 5.0, EPOCH_S, FINAL_S)
+    assert small.width == CHEAP and small.batch_size is None and small.lr is None
+    tiny = make_plan("fast", 40, 5.0, {TINY: 5.0}, {TINY: 5.0})
+    rung = budget.LADDERS["fast"][-1]
+    assert tiny.width == TINY and (tiny.batch_size, tiny.lr) == (rung.batch_size, rung.lr) != (None, None)
+
+
+def test_a_short_budget_lowers_six_view_tta_to_flip() -> None:
+    """flip-translate stays when its pass is cheap next to the budget; else flip; a lower choice is kept."""
+    assert budget.final_tta("flip-translate", pass_s=1.0, budget_s=60) == "flip-translate"
+    assert budget.final_tta("flip-translate", pass_s=1.5, budget_s=60) == "flip"
+    assert budget.final_tta("none", pass_s=9.0, budget_s=60) == "none"
+    assert budget.final_tta("flip", pass_s=9.0, budget_s=60) == "flip"
 
 
 def test_too_small_a_budget_is_one_clear_line() -> None:
@@ -109,12 +126,14 @@ def test_a_steady_machine_runs_every_planned_step() -> None:
     assert done == 100
 
 
-@pytest.mark.parametrize("option", [["--epochs", "3"], ["--width", "16,32,64"]])
-def test_budget_with_epochs_or_width_is_a_usage_error(tiny_data_dir: Path, tmp_path: Path, option: list[str]) -> None:
-    """--budget with --epochs or --width (both of which it plans) exits 2 with one line; so does the tutorial model."""
+@pytest.mark.parametrize("option", [["--epochs", "3"], ["--width", "16,32,64"], ["-b", "64"], ["--lr", "0.1"]])
+def test_budget_with_an_option_it_plans_is_a_usage_error(tiny_data_dir: Path, tmp_path: Path, option: list[str]) -> None:
+    """--budget with --epochs, --width, --batch-size or --lr (all of which it plans for fast) exits 2 with one
+    line; so does the tutorial model."""
     result = CliRunner().invoke(app, ["train", "--model", "fast", "--budget", "60", *option,
                                       "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "r")])
-    assert result.exit_code == 2 and f"give --budget or {option[0]}, not both" in result.output
+    flag = {"-b": "--batch-size"}.get(option[0], option[0])
+    assert result.exit_code == 2 and f"give --budget or {flag}, not both" in result.output
     assert not (tmp_path / "r").exists()
     result = CliRunner().invoke(app, ["train", "--budget", "60", "--data-dir", str(tiny_data_dir),
                                       "-o", str(tmp_path / "r")])
@@ -130,7 +149,7 @@ def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: 
     # Calibration as if each step took 0.5 s and each evaluated image 1 ms: an epoch (4 steps) is 2 s,
     # the end 3.7 s, so about 3.5 epochs fit 90% of 12 s: 4 epochs begun, the last one cut short.
     monkeypatch.setattr(budget, "_calibrate", lambda cfg, width, *a: (0.5, 0.001))
-    monkeypatch.setattr(budget, "LADDERS", {"fast": [("8,8,8", 1)]})
+    monkeypatch.setattr(budget, "LADDERS", {"fast": [budget.Rung("8,8,8", 1)]})
     steps = []
     step = AutogradStepper.__call__
     monkeypatch.setattr(AutogradStepper, "__call__", lambda self, x, y: steps.append(1) or step(self, x, y))
@@ -153,7 +172,7 @@ def test_budget_from_the_command_line_ends_inside_it(tiny_data_dir: Path, tmp_pa
     import time
 
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "cifarctl", "train", "--model", "fast", "--budget", "20", "-b", "64",
+    out = subprocess.run([sys.executable, "-m", "cifarctl", "train", "--model", "fast", "--budget", "20",
                           "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "r"), "--json"],
                          capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarctl.metrics import evaluate, logits
+from cifarctl.metrics import evaluate, logits, plain_and_tta_logits
 from cifarctl.models import build_model, model_names
 from cifarctl.weights import load_weights, save_weights
 
@@ -70,6 +70,17 @@ def test_flip_tta_equals_averaging_logits_by_hand() -> None:
     with torch.no_grad():
         by_hand = (model(x) + model(x.flip(-1))) / 2
     assert torch.allclose(logits(model, x, batch_size=4, tta="flip"), by_hand, atol=1e-6)
+
+
+def test_one_pass_gives_the_plain_and_the_tta_logits() -> None:
+    """The final score's single pass gives the same plain and TTA logits as two separate passes."""
+    torch.manual_seed(0)
+    model = build_model("fast", CONFIGS["fast"]).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(10, 3, 32, 32)
+    plain, averaged = plain_and_tta_logits(model, x, batch_size=4, tta="flip-translate")
+    assert torch.allclose(plain, logits(model, x, batch_size=4), atol=1e-5)
+    assert torch.allclose(averaged, logits(model, x, batch_size=4, tta="flip-translate"), atol=1e-5)
+    assert not model.training
 
 
 def test_evaluate_with_tta_scores_the_averaged_logits() -> None:

@@ -17,16 +17,48 @@ from dataclasses import asdict, dataclass
 
 from cifarctl.errors import UsageError
 
-# Width ladders, widest first, with the fewest epochs each needs to pay off (below that a
-# narrower network trained longer did better in the recipe experiments of docs/models.md). On a
-# CPU the first group's width costs the most (it runs at 31x31), so the cheap rungs widen the later
-# groups first: 16,64,128 for 5 epochs beat 16,32,64 for 8 by 1.7 points in less time.
-LADDERS: dict[str, list[tuple[str | None, int]]] = {
-    "fast": [("32,128,256", 14), ("32,96,192", 8), ("24,64,128", 7), ("16,64,128", 4), ("16,32,64", 1)],
-    "resnet18": [(None, 1)],
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of a model's ladder: a width, the fewest epochs it needs to pay off (below that a
+    narrower network trained longer did better), and the batch size and learning rate it trains
+    at where they differ from the preset's."""
+
+    width: str | None
+    min_epochs: int
+    batch_size: int | None = None
+    lr: float | None = None
+
+
+# Width ladders, widest first (the recipe experiments of docs/models.md). On a CPU the first
+# group's width costs the most (it runs at 31x31), so the cheap rungs widen the later groups
+# first: 16,64,128 for 5 epochs beat 16,32,64 for 8 by 1.7 points in less time. The narrowest rung
+# trains about 2 epochs, where twice the steps at half the batch (lr scaled by 1/sqrt(2)) scored
+# about a point higher and ran faster per image; at 5 epochs of 16,64,128 it paid nothing.
+LADDERS: dict[str, list[Rung]] = {
+    "fast": [Rung("32,128,256", 14), Rung("32,96,192", 8), Rung("24,64,128", 7), Rung("16,64,128", 4),
+             Rung("16,32,64", 1, batch_size=128, lr=0.25)],
+    "resnet18": [Rung(None, 1)],
 }
+
+
+def planned_options(model: str) -> dict[str, str]:
+    """{config field: its option} for what --budget chooses for `model`: giving one too is refused."""
+    rungs = LADDERS.get(model, [])
+    planned = {"epochs": "--epochs", "width": "--width"}
+    if any(r.batch_size for r in rungs):
+        planned["batch_size"] = "--batch-size"
+    if any(r.lr for r in rungs):
+        planned["lr"] = "--lr"
+    return planned
+
+
 MAX_EPOCHS = 100
 SAFETY = 0.9  # plan for this share of the budget: timing noise must not push the run over
+# The six-view flip-translate TTA is lowered to flip (two views) when its pass would take more than
+# this share of the budget: at 60 s its extra 7 s bought about 0.2 points where the same seconds of
+# training buy more (docs/models.md).
+TTA_SHARE = 0.1
 CHECK_EVERY_S = 1.0  # how often the controller looks at the clock
 CALIBRATION_BATCH = 256  # images per timed calibration step (smaller batches time too fast per image)
 WARMUP_STEPS = 10  # steps the controller lets pass before it judges the speed
@@ -47,6 +79,9 @@ class Plan:
     # The epochs that fit, to 1/100: the last one is cut there, with the schedule set for that
     # length, so no budget loses up to an epoch to rounding down (at 60 s, 1.8 epochs fit).
     train_epochs: float = 0.0
+    batch_size: int | None = None  # the rung's batch size and learning rate (None: the preset's)
+    lr: float | None = None
+    tta: str | None = None  # the test-time augmentation the final score uses (None: the preset's)
 
     def to_json(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -59,20 +94,23 @@ def planned_steps(plan: dict, steps_per_epoch: int) -> int:
 
 
 def make_plan(model: str, budget_s: float, start_s: float, epoch_s: dict[str | None, float],
-              final_eval_s: dict[str | None, float]) -> Plan:
+              final_eval_s: dict[str | None, float], tta: dict[str | None, str] | None = None) -> Plan:
     """The widest rung of `model`'s ladder whose minimum epochs fit the budget, with as many
-    epochs as fit. `epoch_s` and `final_eval_s` hold the calibrated seconds per rung."""
+    epochs as fit. `epoch_s` and `final_eval_s` hold the calibrated seconds per rung (by width),
+    `tta` the test-time augmentation each would score with."""
     if model not in LADDERS:
         raise UsageError(f"--budget works with --model fast or resnet18, not {model}")
     usable = budget_s * SAFETY - start_s
     best = None
-    for width, min_epochs in LADDERS[model]:
+    for rung in LADDERS[model]:
+        width = rung.width
         if width not in epoch_s:
             continue
         fit = min(MAX_EPOCHS, math.floor(100 * (usable - final_eval_s[width]) / epoch_s[width]) / 100)
         plan = Plan(budget_s, width, math.ceil(fit), epoch_s[width], final_eval_s[width], start_s,
-                    start_s + fit * epoch_s[width] + final_eval_s[width], fit)
-        if fit >= min_epochs:
+                    start_s + fit * epoch_s[width] + final_eval_s[width], fit, rung.batch_size, rung.lr,
+                    (tta or {}).get(width))
+        if fit >= rung.min_epochs:
             return plan
         if best is None or fit > best.train_epochs:
             best = plan
@@ -165,40 +203,55 @@ WRITE_S = 3.0  # weights, checkpoint, metrics, curves.png and interpreter exit: 
 
 def plan_run(cfg, sample, n_train: int, n_test: int, classes: int, device, reporter, spent_s: float) -> Plan:
     """Time a few steps of the rungs of the model's ladder on this machine, make the plan, and
-    set cfg.width, cfg.epochs and cfg.plan from it (the global RNG is left untouched).
-    `sample`: up to CALIBRATION_BATCH normalised training images on the device; `spent_s`:
-    seconds of the budget already used (start-up) before this was called."""
+    set cfg.width, cfg.epochs (and the rung's batch size, learning rate and TTA) and cfg.plan from
+    it (the global RNG is left untouched). `sample`: up to CALIBRATION_BATCH normalised training
+    images on the device; `spent_s`: seconds of the budget already used (start-up) before this
+    was called."""
     import torch
 
     t0 = time.perf_counter()
-
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    epoch_s, final_s = {}, {}
-    views = {"none": 1, "flip": 2, "flip-translate": 6}[cfg.tta]
+    epoch_s, final_s, tta = {}, {}, {}
     with torch.random.fork_rng(devices=[]):
         # Narrowest first: a rung costs more and needs more epochs than the one below it, so the
         # first rung that does not fit ends the timing, and a small budget spends little of
         # itself timing networks it cannot afford.
-        for width, min_epochs in reversed(LADDERS[cfg.model]):
-            step_s, image_s = _calibrate(cfg, width, sample, classes, device)
-            epoch_s[width] = steps_per_epoch * step_s
-            final_s[width] = n_test * image_s * (views + 1) + WRITE_S  # plain and TTA scores
-            spare = cfg.budget * SAFETY - spent_s - (time.perf_counter() - t0) - final_s[width]
-            if spare < min_epochs * epoch_s[width]:
+        for rung in reversed(LADDERS[cfg.model]):
+            batch = rung.batch_size or cfg.batch_size
+            step_s, image_s = _calibrate(cfg, rung.width, batch, sample, classes, device)
+            epoch_s[rung.width] = math.ceil(n_train / batch) * step_s
+            tta[rung.width] = final_tta(cfg.tta, n_test * image_s, cfg.budget)
+            # One pass over the views scores both the plain and the TTA accuracy.
+            final_s[rung.width] = n_test * image_s * VIEWS[tta[rung.width]] + WRITE_S
+            spare = cfg.budget * SAFETY - spent_s - (time.perf_counter() - t0) - final_s[rung.width]
+            if spare < rung.min_epochs * epoch_s[rung.width]:
                 break
-    plan = make_plan(cfg.model, cfg.budget, spent_s + time.perf_counter() - t0, epoch_s, final_s)
-    cfg.width, cfg.epochs = plan.width, plan.epochs
+    plan = make_plan(cfg.model, cfg.budget, spent_s + time.perf_counter() - t0, epoch_s, final_s, tta)
+    cfg.width, cfg.epochs, cfg.tta = plan.width, plan.epochs, plan.tta
+    cfg.batch_size, cfg.lr = plan.batch_size or cfg.batch_size, plan.lr or cfg.lr
     cfg.eval_every = 0  # the per-epoch test pass is time the plan spends on training instead
     cfg.warmup_epochs = min(cfg.warmup_epochs, max(plan.train_epochs / 4, 0.25))
     cfg.plan = plan.to_json()
     reporter.log(f"budget {cfg.budget:g} s: {plan.train_epochs:g} epochs"
                  + (f" at width {plan.width}" if plan.width else "")
-                 + f", about {plan.epoch_s:.1f} s each; expected to end after {plan.expected_s:.0f} s")
+                 + f", batch {cfg.batch_size}, lr {cfg.lr:g}, {cfg.tta} TTA, about {plan.epoch_s:.1f} s an epoch; "
+                 f"expected to end after {plan.expected_s:.0f} s")
     return plan
 
 
-def _calibrate(cfg, width: str | None, sample, classes: int, device) -> tuple[float, float]:
-    """(seconds per training step, seconds per evaluated image) of `width` on this machine."""
+VIEWS = {"none": 1, "flip": 2, "flip-translate": 6}
+
+
+def final_tta(asked: str, pass_s: float, budget_s: float) -> str:
+    """The TTA a budgeted run scores with: `asked`, lowered from flip-translate to flip when its
+    six views (`pass_s` seconds each) would take more than TTA_SHARE of the budget."""
+    if asked == "flip-translate" and VIEWS[asked] * pass_s > TTA_SHARE * budget_s:
+        return "flip"
+    return asked
+
+
+def _calibrate(cfg, width: str | None, batch_size: int, sample, classes: int, device) -> tuple[float, float]:
+    """(seconds per training step of `batch_size` images, seconds per evaluated image) of `width`
+    on this machine."""
     import torch
 
     from cifarctl.config import parse_widths
@@ -215,7 +268,7 @@ def _calibrate(cfg, width: str | None, sample, classes: int, device) -> tuple[fl
     stepper = AutogradStepper(model, cfg, device, World())
     # A small batch keeps calibration cheap; a step's time grows in proportion to its images for
     # these conv nets on the CPU, so it is scaled up to the real batch size.
-    n = min(cfg.batch_size, CALIBRATION_BATCH, len(sample))
+    n = min(batch_size, CALIBRATION_BATCH, len(sample))
     x = sample[:n].contiguous(memory_format=layout)
     y = torch.zeros(n, dtype=torch.long, device=device)
     times = []
@@ -230,4 +283,4 @@ def _calibrate(cfg, width: str | None, sample, classes: int, device) -> tuple[fl
         t = time.perf_counter()
         model(xe)
         image_s = (time.perf_counter() - t) / len(xe)
-    return min(times[1:]) * cfg.batch_size / n, image_s
+    return min(times[1:]) * batch_size / n, image_s

@@ -61,6 +61,15 @@ def logits(model: torch.nn.Module, images: Any, batch_size: int | None = None, t
     `tta` averages the logits over test-time augmentation views (see augment.tta_views);
     `bf16` runs the forward passes under bfloat16 autocast.
     """
+    return plain_and_tta_logits(model, images, batch_size, tta, bf16, prep)[1]
+
+
+@torch.no_grad()
+def plain_and_tta_logits(model: torch.nn.Module, images: Any, batch_size: int | None = None, tta: str = "none",
+                         bf16: bool = False, prep: Preprocess | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain, TTA-averaged) logits, each (N, C) float32, from one pass: the plain logits are
+    those of the first view (the image as it is), so scoring both costs no extra forward pass.
+    Arguments as for `logits`."""
     from cifarctl.augment import tta_views
 
     was_training = model.training
@@ -68,19 +77,41 @@ def logits(model: torch.nn.Module, images: Any, batch_size: int | None = None, t
     device = prep.device if prep is not None else images.device
     device_type = device.type if device.type in ("cpu", "cuda") else "cpu"
     batch_size = batch_size or eval_batch(device)
-    outs = []
+    plain, averaged = [], []
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(images), batch_size):
             x = prep(images[i:i + batch_size]) if prep is not None else images[i:i + batch_size]
-            outs.append(torch.stack([model(v).float() for v in tta_views(x, tta)]).mean(0))
+            # The shifted views are strided slices; a dense copy in the model's layout spares the
+            # convolution a slower strided read.
+            outs = [model(v.contiguous(memory_format=_layout(model))).float() for v in tta_views(x, tta)]
+            plain.append(outs[0])
+            averaged.append(torch.stack(outs).mean(0) if len(outs) > 1 else outs[0])
     model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros((0, 0))
+    if not plain:
+        return torch.zeros((0, 0)), torch.zeros((0, 0))
+    return torch.cat(plain), torch.cat(averaged)
+
+
+def _layout(model: torch.nn.Module) -> torch.memory_format:
+    """channels_last when the model's first 4-d weight is stored that way, else contiguous."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return torch.channels_last if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() \
+                else torch.contiguous_format
+    return torch.contiguous_format
 
 
 def evaluate(model: torch.nn.Module, images: Any, labels: torch.Tensor, num_classes: int,
              batch_size: int | None = None, tta: str = "none", bf16: bool = False, prep: Preprocess | None = None) -> Evaluation:
     """Evaluate on images (normalised, or uint8 with `prep`: see `logits`) and int64 labels (N,)."""
     return score(logits(model, images, batch_size, tta, bf16, prep), labels, num_classes)
+
+
+def evaluate_plain_and_tta(model: torch.nn.Module, images: Any, labels: torch.Tensor, num_classes: int,
+                           tta: str, bf16: bool = False, prep: Preprocess | None = None) -> tuple[Evaluation, Evaluation]:
+    """(plain, with `tta`) evaluations from one pass over the views (see `plain_and_tta_logits`)."""
+    plain, averaged = plain_and_tta_logits(model, images, None, tta, bf16, prep)
+    return score(plain, labels, num_classes), score(averaged, labels, num_classes)
 
 
 def score(out: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluation:

@@ -31,7 +31,7 @@ from cifarctl.data import Dataset, dataset_stats, ensure_dataset, stratified_spl
 from cifarctl.device import configure, preserved_torch_state, resolve_device, resolve_precision
 from cifarctl.distributed import World
 from cifarctl.errors import CifarctlError, Interrupted, UsageError
-from cifarctl.metrics import evaluate
+from cifarctl.metrics import evaluate, evaluate_plain_and_tta
 from cifarctl.models import build_model, check_image_size
 from cifarctl.progress import Reporter
 from cifarctl.rundir import RunDir
@@ -187,9 +187,11 @@ def resolve_config(cfg: TrainConfig, resume: Path | None,
     elif cfg.seed is None:
         cfg.seed = secrets.randbelow(2**31)
     if cfg.budget is not None and run is None:
-        for key, what in (("epochs", "the number of epochs"), ("width", "the width")):
+        from cifarctl.budget import planned_options
+
+        for key, flag in planned_options(cfg.model).items():
             if overrides.get(key) is not None:
-                raise UsageError(f"--budget plans {what} itself; give --budget or --{key}, not both")
+                raise UsageError(f"--budget plans the {key.replace('_', ' ')} itself; give --budget or {flag}, not both")
     cfg.validate()
     return cfg, run
 
@@ -457,11 +459,14 @@ def end_epoch(run: Run, reporter: Reporter) -> None:
 
 
 def _score_test(run: Run, reporter: Reporter, row: dict[str, Any], tta: bool) -> None:
-    """Test accuracy (TTA costs a forward pass per view: on the final epoch only)."""
+    """Test accuracy (TTA costs a forward pass per view: on the final epoch only; the plain
+    accuracy then comes from the same pass)."""
     cfg, classes = run.cfg, len(run.ds.class_names)
     bf16 = cfg.precision == "bf16"
-    ev_plain = evaluate(run.model, run.test_x, run.test_y, classes, bf16=bf16, prep=run.prep)
-    ev = evaluate(run.model, run.test_x, run.test_y, classes, tta=cfg.tta, bf16=bf16, prep=run.prep) if tta else ev_plain
+    if tta:
+        ev_plain, ev = evaluate_plain_and_tta(run.model, run.test_x, run.test_y, classes, cfg.tta, bf16, run.prep)
+    else:
+        ev_plain = ev = evaluate(run.model, run.test_x, run.test_y, classes, bf16=bf16, prep=run.prep)
     run.accuracy, run.accuracy_plain, run.tta_used = ev.accuracy, ev_plain.accuracy, tta
     row.update({"test_loss": f"{ev.loss:.5f}", "test_acc": f"{ev.accuracy:.5f}",
                 "test_acc_plain": f"{ev_plain.accuracy:.5f}"})
