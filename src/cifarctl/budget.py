@@ -61,6 +61,8 @@ SAFETY = 0.9  # plan for this share of the budget: timing noise must not push th
 TTA_SHARE = 0.1
 CHECK_EVERY_S = 1.0  # how often the controller looks at the clock
 CALIBRATION_BATCH = 256  # images per timed calibration step (smaller batches time too fast per image)
+CALIBRATION_S = 0.5  # seconds of timed training steps per rung, after two warm-up steps
+PIPELINE = 1.05  # reading and augmenting each batch: about 5% of a step (the profile in docs/models.md)
 WARMUP_STEPS = 10  # steps the controller lets pass before it judges the speed
 FREEZE = 0.9  # share of the (shortened) run after which its length no longer changes
 
@@ -271,16 +273,27 @@ def _calibrate(cfg, width: str | None, batch_size: int, sample, classes: int, de
     n = min(batch_size, CALIBRATION_BATCH, len(sample))
     x = sample[:n].contiguous(memory_format=layout)
     y = torch.zeros(n, dtype=torch.long, device=device)
-    times = []
-    for _ in range(3):  # the first pays for one-off kernel selection
-        t = time.perf_counter()
-        stepper(x, y)
-        times.append(time.perf_counter() - t)
+    step_s = _fastest_time(lambda: float(stepper(x, y)))  # float(): waits for the device
     model.eval()
     xe = x[:eval_batch(device)]  # timed at the batch size the final scoring uses
     with torch.no_grad(), autocast(device, cfg.precision == "bf16"):
-        model(xe)  # the first inference pass also pays for kernel selection
+        image_s = _fastest_time(lambda: float(model(xe)[0, 0]), CALIBRATION_S / 2) / len(xe)
+    return step_s * batch_size / n * PIPELINE, image_s
+
+
+def _fastest_time(call: Callable[[], object], at_least_s: float | None = None) -> float:
+    """The fewest seconds `call` took, timed after two warm-up calls (kernel selection, caches)
+    for at least `at_least_s` (default CALIBRATION_S) and 3 calls. The fastest, because a busy
+    moment only ever slows a call: one slow evaluation pass once planned a 60 s run 6 s short. An
+    optimistic plan costs little, since the clock shortens a run that falls behind; time that a
+    pessimistic one leaves unused is lost."""
+    at_least_s = CALIBRATION_S if at_least_s is None else at_least_s
+    call()
+    call()
+    best, calls = math.inf, 0
+    start = time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < at_least_s:
         t = time.perf_counter()
-        model(xe)
-        image_s = (time.perf_counter() - t) / len(xe)
-    return min(times[1:]) * batch_size / n, image_s
+        call()
+        best, calls = min(best, time.perf_counter() - t), calls + 1
+    return best

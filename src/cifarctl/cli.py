@@ -285,9 +285,9 @@ _EvalEvery = Annotated[Optional[int], typer.Option(
     "--eval-every", min=0, metavar="N", help="Score the test set every N epochs; 0: only at the end (the final "
     "epoch is always scored)  \\[default: 1].", rich_help_panel=_OUTPUT)]
 _Budget = Annotated[Optional[float], typer.Option(
-    "--budget", metavar="SECONDS", help="Fit the run to this many seconds, start to exit: epochs and width are "
-    "planned from a few timed steps, the schedule is set for that length, and a slow-down shortens the end. "
-    "Not with --epochs. fast and resnet18.", rich_help_panel=_RECIPE)]
+    "--budget", metavar="SECONDS", help="Fit the run to this many seconds, start to exit: epochs and width (for "
+    "fast also batch size, lr and TTA) are planned from a few timed steps, the schedule is set for that length, "
+    "and a slow-down shortens the end. Not with the options it plans. fast and resnet18.", rich_help_panel=_RECIPE)]
 _Patience = Annotated[Optional[int], typer.Option(
     "--patience", min=1, metavar="N", help="Stop after N epochs without a better validation accuracy (needs "
     "--val-split).", rich_help_panel=_RECIPE)]

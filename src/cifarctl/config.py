@@ -168,7 +168,7 @@ class TrainConfig:
     val_split: float = 0.0  # share of each training class held out for validation (0: none, as the tutorial)
     patience: int | None = None  # stop after this many epochs without a better validation accuracy
     eval_every: int = 1  # score the test set every N epochs (0: only at the end); the end always is
-    budget: float | None = None  # seconds for the whole run: epochs and width are planned to fit
+    budget: float | None = None  # seconds for the whole run: epochs, width (fast: batch, lr, TTA) are planned to fit
     plan: dict[str, Any] | None = None  # what --budget chose (set by the planner, kept on resume)
     output_dir: Path | None = None  # None: runs/<model>-<timestamp>
     overwrite: bool = False  # allow -o to name a folder that already holds a run
