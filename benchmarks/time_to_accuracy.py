@@ -55,7 +55,8 @@ def main() -> None:
         plan = s.get("plan")
         epochs = plan.get("train_epochs") or plan["epochs"]
         planned = f"  planned {epochs:g} ep{' at ' + plan['width'] if plan['width'] else ''}, ran " \
-                  f"{s['epochs_run']} ep ({s['stop_reason']})" if plan else ""
+                  f"{s['epochs_run']} ep ({s['stop_reason']}); estimated {plan['epoch_s']:g} s an epoch, start " \
+                  f"{plan['start_s']:g} s, end {plan['final_eval_s']:g} s" if plan else ""
         print(f"seed {seed}: plain {100 * s['test_accuracy_plain']:.2f}%  {s['tta']} TTA "
               f"{100 * s['test_accuracy']:.2f}%  wall {s['wall']:.1f} s  train {s['train_time_s']:.1f} s  "
               f"{s['images_per_s']:,.0f} img/s  ({s['device']}){planned}", flush=True)

@@ -181,6 +181,21 @@ def test_budget_from_the_command_line_ends_inside_it(tiny_data_dir: Path, tmp_pa
     assert "budget 20 s:" in out.stderr and json.loads(out.stdout)["plan"]["epochs"] >= 1
 
 
+@pytest.mark.parametrize("ceiling", [150, 110])
+def test_a_run_ahead_of_its_plan_is_lengthened_into_the_time_it_planned(ceiling: int) -> None:
+    """A plan that guessed the machine too slow runs more steps, up to its last epoch's end, ending
+    near the planned share of the budget and never past it."""
+    clock = FakeClock(step_s=1.0, slow_after=10**9)
+    budget_s, final_s, margin = 140.0, 5.0, 14.0
+    ctl = BudgetClock(budget_s, final_s, clock=clock, margin_s=margin)
+    done = 0
+    while done < ctl.total_steps(done, 100, ceiling):
+        clock.step()
+        done += 1
+    assert done == min(ceiling, 121)  # 121 steps + 5 s of evaluation end at 126 s = 140 s less the margin
+    assert clock.now + final_s <= budget_s - margin
+
+
 def test_a_passing_slow_spell_gives_the_steps_back() -> None:
     """A machine that is slow for a while and then recovers still runs every planned step that fits."""
     class Spell(FakeClock):

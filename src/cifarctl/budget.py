@@ -125,20 +125,24 @@ def make_plan(model: str, budget_s: float, start_s: float, epoch_s: dict[str | N
 
 
 class BudgetClock:
-    """Keeps a run inside its deadline: `steps_left(done, total)` says how many of the planned
-    steps still fit, given the time per step seen so far and the final evaluation still to come.
+    """Keeps a run inside its deadline: `total_steps(done, planned, ceiling)` says how many steps
+    the run should take, given the time per step seen so far and the final evaluation still to come.
 
-    `clock` is injectable so tests can slow time down mid-run.
+    It shortens a run that falls behind (never past the deadline), and lengthens one that runs
+    ahead of its plan, up to `ceiling` (the end of the last epoch begun) and only into the time the
+    plan meant to spend (`margin_s` before the deadline is kept free), since calibration timed a
+    few steps and the run times thousands. `clock` is injectable so tests can slow time down mid-run.
     """
 
     def __init__(self, deadline_s: float, final_eval_s: float, clock: Callable[[], float] = time.perf_counter,
-                 started: float | None = None, steps_per_epoch: int = 0) -> None:
+                 started: float | None = None, steps_per_epoch: int = 0, margin_s: float = 0.0) -> None:
         self.clock = clock
         self.steps_per_epoch = steps_per_epoch
         self.epoch_end_s = 0.0  # seconds each epoch's end takes (scoring, saving), measured
         self.last_end: float | None = None
         self.start = clock() if started is None else started
         self.deadline = deadline_s  # seconds after `start` by which the whole run must end
+        self.margin = margin_s  # seconds before the deadline a lengthened run leaves free
         self.final_eval_s = final_eval_s
         self.mark = (self.start, 0)  # (time, steps done) of the last look, for the recent step time
         self.step_s: float | None = None
@@ -160,14 +164,16 @@ class BudgetClock:
             self.epoch_end_s = spent if not self.epoch_end_s else 0.5 * (self.epoch_end_s + spent)
         self.mark = (now, done)
 
-    def total_steps(self, done: int, total: int) -> int:
-        """The run's total step count: `total` while it fits, fewer (never below done + 1) once the
-        recent time per step says the planned end would pass the deadline.
+    def total_steps(self, done: int, total: int, ceiling: int | None = None) -> int:
+        """The run's total step count: `total` (the plan) while it fits, fewer (never below
+        done + 1) once the recent time per step says the planned end would pass the deadline, more
+        (up to `ceiling`) when the run is ahead of its plan.
 
         The first steps are not judged (they pay for one-off kernel selection and would make the
         machine look slower than it is); after that the time per step is a moving average over
         windows of at least CHECK_EVERY_S, so one slow second does not cut the run short.
         """
+        ceiling = max(total, ceiling or total)
         now = self.clock()
         then, steps_then = self.mark
         if done > steps_then and now - then >= CHECK_EVERY_S:
@@ -176,13 +182,16 @@ class BudgetClock:
             self.mark = (now, done)
         if self.step_s is None or done < max(WARMUP_STEPS, total // 20):
             return total
-        epochs_left = math.ceil((total - done) / self.steps_per_epoch) if self.steps_per_epoch else 0
         if self.cap is not None and done >= FREEZE * self.cap:
-            return min(total, self.cap)  # near the end the length stays put: no last-minute schedule jumps
+            return min(ceiling, self.cap)  # near the end the length stays put: no last-minute schedule jumps
+        epochs_left = math.ceil((total - done) / self.steps_per_epoch) if self.steps_per_epoch else 0
         left = self.deadline - (now - self.start) - self.final_eval_s - epochs_left * self.epoch_end_s
         # Recomputed at every look: a slow spell that passes gives the steps back.
-        self.cap = done + max(int(left / self.step_s), 1)
-        return min(total, self.cap)
+        cap = done + max(int(left / self.step_s), 1)
+        if cap > total:  # ahead of the plan: lengthen, but keep the margin the plan kept
+            cap = max(total, done + int((left - self.margin) / self.step_s))
+        self.cap = cap
+        return min(ceiling, cap)
 
 
 def process_age_s() -> float:

@@ -148,11 +148,12 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
     state = checkpoint.load(out.checkpoint) if resuming else None
     run = setup(cfg, out, device, world, reporter, fresh=state is None, started=started)
     if cfg.plan is not None:
-        from cifarctl.budget import BudgetClock, planned_steps
+        from cifarctl.budget import SAFETY, BudgetClock, planned_steps
 
         # A resumed run has the budget its first process left; a new one counts from `started`.
         spent = run.elapsed if state is not None else time.perf_counter() - started
-        run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"], steps_per_epoch=run.steps_per_epoch)
+        run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"], steps_per_epoch=run.steps_per_epoch,
+                                margin_s=(1 - SAFETY) * cfg.budget)
         run.planned_steps = run.steps_cap = planned_steps(cfg.plan, run.steps_per_epoch)
         if run.lookahead is not None:
             run.lookahead.total_steps = run.total_steps
@@ -404,11 +405,11 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
 
 
 def _within_budget(run: Run, global_step: int) -> bool:
-    """Under --budget: shorten the run when the clock says the planned end would be late (the
-    schedule and the weight averaging are compressed to the new length). False once it is over."""
-    total = run.total_steps
-    cap = run.clock.total_steps(global_step, total)
-    if cap < total:
+    """Under --budget: shorten the run when the clock says the planned end would be late, or
+    lengthen it up to the end of its last epoch when it runs ahead (the schedule and the weight
+    averaging follow the new length). False once it is over."""
+    cap = run.clock.total_steps(global_step, run.planned_steps, run.steps_per_epoch * run.cfg.epochs)
+    if cap != run.steps_cap:
         run.steps_cap = cap
         if run.lookahead is not None:
             run.lookahead.total_steps = cap
