@@ -37,6 +37,17 @@ def run_seed(args: argparse.Namespace, data_dir: Path, seed: int) -> dict:
     return {**json.loads(out), "wall": time.perf_counter() - t}
 
 
+def describe_plan(summary: dict) -> str:
+    """What --budget planned against what ran ('' for a run without a budget)."""
+    plan = summary.get("plan")
+    if not plan:
+        return ""
+    epochs = plan.get("train_epochs") or plan["epochs"]
+    return (f"  planned {epochs:g} ep{' at ' + plan['width'] if plan['width'] else ''}, ran "
+            f"{summary['epochs_run']} ep ({summary['stop_reason']}); estimated {plan['epoch_s']:g} s an epoch, "
+            f"start {plan['start_s']:g} s, end {plan['final_eval_s']:g} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="dataset source for `cifarctl download --source`")
@@ -52,14 +63,9 @@ def main() -> None:
     for seed in range(args.seeds):
         s = run_seed(args, data_dir, seed)
         results.append(s)
-        plan = s.get("plan")
-        epochs = plan.get("train_epochs") or plan["epochs"]
-        planned = f"  planned {epochs:g} ep{' at ' + plan['width'] if plan['width'] else ''}, ran " \
-                  f"{s['epochs_run']} ep ({s['stop_reason']}); estimated {plan['epoch_s']:g} s an epoch, start " \
-                  f"{plan['start_s']:g} s, end {plan['final_eval_s']:g} s" if plan else ""
         print(f"seed {seed}: plain {100 * s['test_accuracy_plain']:.2f}%  {s['tta']} TTA "
               f"{100 * s['test_accuracy']:.2f}%  wall {s['wall']:.1f} s  train {s['train_time_s']:.1f} s  "
-              f"{s['images_per_s']:,.0f} img/s  ({s['device']}){planned}", flush=True)
+              f"{s['images_per_s']:,.0f} img/s  ({s['device']}){describe_plan(s)}", flush=True)
 
     def col(key: str) -> list[float]:
         return [r[key] for r in results]
