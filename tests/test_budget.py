@@ -166,6 +166,27 @@ def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: 
     assert resumed["plan"] == plan
 
 
+def test_a_plan_that_timed_the_machine_too_slow_trains_more_epochs_inside_the_budget(
+        tiny_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A calibration that caught the machine in a slow moment plans too few epochs; the run adds whole
+    epochs, with the schedule stretched to match, and still ends inside its budget."""
+    import time
+
+    # Calibration says 0.5 s a step (about 3.5 epochs of 4 steps fit 12 s); real steps take milliseconds.
+    monkeypatch.setattr(budget, "_calibrate", lambda cfg, width, *a: (0.5, 0.001))
+    monkeypatch.setattr(budget, "LADDERS", {"fast": [budget.Rung("8,8,8", 1)]})
+    monkeypatch.setattr(budget, "MAX_EPOCHS", 8)  # the ceiling: 32 steps, which fit easily
+    monkeypatch.setattr(budget, "CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(budget, "WARMUP_STEPS", 2)
+    t = time.perf_counter()
+    s = train(train_config("fast", budget=12.0, batch_size=64, seed=0, data_dir=tiny_data_dir,
+                           output_dir=tmp_path / "r"), Reporter())
+    assert s["plan"]["epochs"] == 4 and s["epochs"] == s["epochs_run"] == 8
+    assert time.perf_counter() - t < 12.0 and s["stop_reason"] == "epochs"
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["epochs"] == 8 and config["plan"] == s["plan"]
+
+
 @pytest.mark.slow
 def test_budget_from_the_command_line_ends_inside_it(tiny_data_dir: Path, tmp_path: Path) -> None:
     """`cifarctl train --model fast --budget 20`, timed as a whole process, ends within 10% of 20 s."""

@@ -160,6 +160,11 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
     if state is not None:
         restore(run, *state)
         reporter.log(f"resuming {out.root} at epoch {run.epoch + 1}, step {run.step}")
+        if cfg.plan is not None:  # a run lengthened past its plan goes on from where it stopped
+            done = run.epoch * run.steps_per_epoch + run.step
+            run.planned_steps = run.steps_cap = max(run.planned_steps, done + 1)
+            if run.lookahead is not None:
+                run.lookahead.total_steps = run.total_steps
     if world.is_main:
         _write_config(run)
     with _stop_signals() as caught:
@@ -406,11 +411,17 @@ def run_epoch(run: Run, reporter: Reporter, caught: list[int]) -> None:
 
 def _within_budget(run: Run, global_step: int) -> bool:
     """Under --budget: shorten the run when the clock says the planned end would be late, or
-    lengthen it up to the end of its last epoch when it runs ahead (the schedule and the weight
-    averaging follow the new length). False once it is over."""
-    cap = run.clock.total_steps(global_step, run.planned_steps, run.steps_per_epoch * run.cfg.epochs)
+    lengthen it when it runs ahead, by whole epochs if need be (a calibration that caught the
+    machine in a slow moment must not leave the budget unused); the schedule and the weight
+    averaging follow the new length. False once it is over."""
+    from cifarctl.budget import MAX_EPOCHS
+
+    spe = run.steps_per_epoch
+    cap = run.clock.total_steps(global_step, run.planned_steps, spe * MAX_EPOCHS)
     if cap != run.steps_cap:
         run.steps_cap = cap
+        # Never below the plan's epochs: a shortened run ends through its stop reason instead.
+        run.cfg.epochs = max(run.cfg.plan["epochs"], math.ceil(cap / spe))
         if run.lookahead is not None:
             run.lookahead.total_steps = cap
     return global_step < run.total_steps
