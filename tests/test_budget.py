@@ -143,7 +143,7 @@ def test_budget_with_an_option_it_plans_is_a_usage_error(tiny_data_dir: Path, tm
 def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
     """A budgeted run uses, prints and records its plan, stops at its planned step inside the last epoch;
-    resuming keeps the plan instead of planning again."""
+    resuming keeps the plan instead of planning again, with only the time the budget has left."""
     from cifarctl.steppers import AutogradStepper
 
     # Calibration as if each step took 0.5 s and each evaluated image 1 ms: an epoch (4 steps) is 2 s,
@@ -162,8 +162,21 @@ def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: 
     assert s["epochs"] == 4 and s["tta"] == "flip-translate"
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["plan"] == plan and config["budget"] == 12.0
+    elapsed = json.loads(budget_checkpoint_meta(tmp_path / "r"))["elapsed_s"]
+    deadlines = []
+    init = BudgetClock.__init__
+    monkeypatch.setattr(BudgetClock, "__init__", lambda self, deadline_s, *a, **k: deadlines.append(deadline_s)
+                        or init(self, deadline_s, *a, **k))
     resumed = train(train_config(), Reporter(), resume=tmp_path / "r", overrides={})
     assert resumed["plan"] == plan
+    assert elapsed > 0 and deadlines and deadlines[0] <= 12.0 - elapsed  # only what the budget has left
+
+
+def budget_checkpoint_meta(run: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        return f.metadata()["cifarctl_checkpoint"]
 
 
 def test_a_plan_that_timed_the_machine_too_slow_trains_more_epochs_inside_the_budget(

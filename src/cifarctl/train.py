@@ -147,24 +147,11 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
               device: torch.device, started: float) -> dict[str, Any]:
     state = checkpoint.load(out.checkpoint) if resuming else None
     run = setup(cfg, out, device, world, reporter, fresh=state is None, started=started)
-    if cfg.plan is not None:
-        from cifarctl.budget import SAFETY, BudgetClock, planned_steps
-
-        # A resumed run has the budget its first process left; a new one counts from `started`.
-        spent = run.elapsed if state is not None else time.perf_counter() - started
-        run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"], steps_per_epoch=run.steps_per_epoch,
-                                margin_s=(1 - SAFETY) * cfg.budget)
-        run.planned_steps = run.steps_cap = planned_steps(cfg.plan, run.steps_per_epoch)
-        if run.lookahead is not None:
-            run.lookahead.total_steps = run.total_steps
     if state is not None:
         restore(run, *state)
         reporter.log(f"resuming {out.root} at epoch {run.epoch + 1}, step {run.step}")
-        if cfg.plan is not None:  # a run lengthened past its plan goes on from where it stopped
-            done = run.epoch * run.steps_per_epoch + run.step
-            run.planned_steps = run.steps_cap = max(run.planned_steps, done + 1)
-            if run.lookahead is not None:
-                run.lookahead.total_steps = run.total_steps
+    if cfg.plan is not None:
+        _start_budget_clock(run, started)
     if world.is_main:
         _write_config(run)
     with _stop_signals() as caught:
@@ -172,6 +159,23 @@ def _train_in(cfg: TrainConfig, out: RunDir, resuming: bool, reporter: Reporter,
             run_epoch(run, reporter, caught)
             end_epoch(run, reporter)
     return finish(run, reporter)
+
+
+def _start_budget_clock(run: Run, started: float) -> None:
+    """Under --budget: the clock that keeps the run inside what is left of its budget, which is
+    the whole budget less this process's start-up and, when resuming, the earlier processes' time
+    (so call it after `restore`). A run that was lengthened past its plan goes on from where it
+    stopped."""
+    from cifarctl.budget import SAFETY, BudgetClock, planned_steps
+
+    cfg = run.cfg
+    spent = run.elapsed + time.perf_counter() - started
+    run.clock = BudgetClock(cfg.budget - spent, cfg.plan["final_eval_s"], steps_per_epoch=run.steps_per_epoch,
+                            margin_s=(1 - SAFETY) * cfg.budget)
+    done = run.epoch * run.steps_per_epoch + run.step
+    run.planned_steps = run.steps_cap = max(planned_steps(cfg.plan, run.steps_per_epoch), done + 1)
+    if run.lookahead is not None:
+        run.lookahead.total_steps = run.total_steps
 
 
 def resolve_config(cfg: TrainConfig, resume: Path | None,
