@@ -140,6 +140,15 @@ def test_budget_with_an_option_it_plans_is_a_usage_error(tiny_data_dir: Path, tm
     assert result.exit_code == 2 and "--model fast or resnet18" in result.output
 
 
+@pytest.mark.parametrize("nproc", ["2", "3"])
+def test_budget_across_processes_is_refused_before_launching(tiny_data_dir: Path, tmp_path: Path, nproc: str) -> None:
+    """Ranks timing the machine on their own could plan different runs and hang: --budget with --nproc is exit 2."""
+    result = CliRunner().invoke(app, ["train", "--model", "fast", "--budget", "60", "--nproc", nproc,
+                                      "--data-dir", str(tiny_data_dir), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--budget plans for a single process" in result.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_budget_run_plans_records_and_resumes_with_the_same_plan(tiny_data_dir: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
     """A budgeted run uses, prints and records its plan, stops at its planned step inside the last epoch;
@@ -228,6 +237,24 @@ def test_a_run_ahead_of_its_plan_is_lengthened_into_the_time_it_planned(ceiling:
         done += 1
     assert done == min(ceiling, 121)  # 121 steps + 5 s of evaluation end at 126 s = 140 s less the margin
     assert clock.now + final_s <= budget_s - margin
+
+
+def test_costly_epoch_ends_do_not_make_a_lengthened_run_collapse(monkeypatch) -> None:
+    """A run far ahead of its plan, with epoch ends (scoring, saving) that cost more than many steps, is
+    lengthened to its ceiling: the ends it counts are those of epochs that can still happen."""
+    monkeypatch.setattr(budget, "CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(budget, "WARMUP_STEPS", 2)
+    clock = FakeClock(step_s=0.02, slow_after=10**9)
+    ctl = BudgetClock(12.0, 3.6, clock=clock, steps_per_epoch=4, margin_s=1.2)
+    done = 0
+    while done < ctl.total_steps(done, 14, 32):  # plan 3.5 epochs of 4 steps; at most 8
+        clock.step()
+        done += 1
+        if done % 4 == 0:
+            ctl.epoch_ended()
+            clock.now += 0.15
+            ctl.epoch_started(done)
+    assert done == 32 and clock.now + 3.6 <= 12.0 - 1.2
 
 
 def test_a_passing_slow_spell_gives_the_steps_back() -> None:

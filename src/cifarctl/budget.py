@@ -184,7 +184,9 @@ class BudgetClock:
             return total
         if self.cap is not None and done >= FREEZE * self.cap:
             return min(ceiling, self.cap)  # near the end the length stays put: no last-minute schedule jumps
-        length = max(total, self.cap or 0)  # the length the run is heading for: its epoch ends are still to come
+        # The length the run is heading for (its epoch ends are still to come), within the ceiling: an
+        # unbounded guess would count epoch ends that cannot happen and cut the run short.
+        length = min(ceiling, max(total, self.cap or 0))
         epochs_left = math.ceil((length - done) / self.steps_per_epoch) if self.steps_per_epoch else 0
         left = self.deadline - (now - self.start) - self.final_eval_s - epochs_left * self.epoch_end_s
         # Recomputed at every look: a slow spell that passes gives the steps back.
