@@ -381,7 +381,7 @@ def _launch_distributed(nproc: int, resume: Optional[Path], overrides: dict[str,
     def preflight() -> list[str]:
         from cifarctl.train import preflight as check
 
-        seed = check(_train_config(resume, overrides), resume, overrides)
+        seed = check(_train_config(resume, overrides), resume, overrides, nproc)
         # Every rank must draw the same shuffle: they all get the seed chosen here.
         return distributed.relaunch_argv(sys.argv[1:], seed if "seed" not in overrides and resume is None else None)
 

@@ -131,6 +131,7 @@ def train(cfg: TrainConfig, reporter: Reporter, resume: Path | None = None,
 def _train(cfg: TrainConfig, reporter: Reporter, resume: Path | None, overrides: dict[str, Any] | None,
            world: World, started: float) -> dict[str, Any]:
     cfg, resume_dir = resolve_config(cfg, resume, overrides)
+    _refuse_budget_across_processes(cfg, world.size)
     device = _join(cfg, world)
     out = _output_dir(cfg, resume_dir, world)
     if not world.is_main:
@@ -206,16 +207,25 @@ def resolve_config(cfg: TrainConfig, resume: Path | None,
     return cfg, run
 
 
-def preflight(cfg: TrainConfig, resume: Path | None, overrides: dict[str, Any] | None) -> int:
+def preflight(cfg: TrainConfig, resume: Path | None, overrides: dict[str, Any] | None, nproc: int = 1) -> int:
     """Check what a run would check before it starts, without starting it (for --nproc, whose
     processes should not each fail on the same bad option). Returns the run's seed."""
     cfg, resume_dir = resolve_config(cfg, resume, overrides)
+    _refuse_budget_across_processes(cfg, nproc)
     resolve_device(cfg.device)
     if resume_dir is None and cfg.output_dir is not None:
         out = Path(cfg.output_dir)
         if os.path.lexists(out):
             rundir.refuse_existing(rundir.create(out), cfg.overwrite)
     return cfg.seed
+
+
+def _refuse_budget_across_processes(cfg: TrainConfig, processes: int) -> None:
+    """--budget plans and keeps time in one process: ranks timing the machine on their own could
+    choose different widths or lengths and then wait on each other forever."""
+    if cfg.budget is not None and processes > 1:
+        raise UsageError(f"--budget plans for a single process; it does not work across {processes} processes "
+                         "(--nproc or torchrun): drop --budget, or train in one process")
 
 
 def _join(cfg: TrainConfig, world: World) -> torch.device:
