@@ -57,6 +57,12 @@ class Dataset:
     test: Split
     class_names: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
+    pages: tensorfile.Pages | None = None  # the cache's memory map, when the images are read from one
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the cache's map (see tensorfile.Pages.release)."""
+        if self.pages is not None:
+            self.pages.release()
 
     def split(self, name: str) -> Split:
         """The split called `name` ("train" or "test")."""
@@ -117,7 +123,7 @@ def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
     memory-mapped (pages are read when used); the labels are read into memory. `verify` also
     recomputes the content checksums, which reads every byte."""
     try:
-        arrays, meta = tensorfile.load_mapped(path, framework)
+        arrays, meta, pages = tensorfile.load_mapped(path, framework)
     except tensorfile.TensorFileError as err:
         raise _InvalidCache(str(err)) from err
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -147,7 +153,7 @@ def _read_cache(path: Path, framework: str, verify: bool = True) -> Dataset:
         splits[name] = Split(images, labels)
     if verify:
         _check_content(meta, arrays, path)
-    return Dataset(splits["train"], splits["test"], list(class_names), dict(meta))
+    return Dataset(splits["train"], splits["test"], list(class_names), dict(meta), pages)
 
 
 def load_dataset(data_dir: Path, dataset: str = DEFAULT_DATASET) -> Dataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -87,7 +88,8 @@ def preserved_torch_state() -> Iterator[None]:
         threads, flush, deterministic, benchmark, cublas = saved
         torch.set_num_threads(threads)
         torch.set_flush_denormal(flush)
-        torch.use_deterministic_algorithms(deterministic)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:
+            set_deterministic(deterministic)
         torch.backends.cudnn.benchmark = benchmark
         if cublas is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
@@ -98,11 +100,21 @@ def preserved_torch_state() -> Iterator[None]:
         random.setstate(rng[2])
 
 
-def configure(device: torch.device, deterministic: bool) -> None:
+def set_deterministic(mode: bool, compiling: bool = False) -> None:
+    """torch.use_deterministic_algorithms(mode), which also imports torch._inductor (and with it
+    torch._dynamo: 150 MB and 1.3 s here) to set inductor's copy of the flag. Only torch.compile
+    reads that copy, so it is set only when compiling or when inductor is loaded already."""
+    if compiling or "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode)
+    else:
+        torch._C._set_deterministic_algorithms(mode)
+
+
+def configure(device: torch.device, deterministic: bool, compiling: bool = False) -> None:
     """Process settings for a training run (undone by `preserved_torch_state`)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        set_deterministic(True, compiling)
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True

@@ -236,7 +236,7 @@ def _join(cfg: TrainConfig, world: World) -> torch.device:
             device = torch.device("cuda", world.local_rank)
             torch.cuda.set_device(device)
         distributed.init(world, device.type, cfg.dist_timeout)
-    configure(device, cfg.deterministic)
+    configure(device, cfg.deterministic, cfg.compile)
     cfg.precision = resolve_precision(cfg.precision, device)  # recorded resolved, so a resume keeps it
     return device
 
@@ -260,6 +260,7 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     _seed_everything(cfg.seed)
     ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=cfg.dataset), reporter)
     mean, std = NORMALIZATION["tutorial"] if cfg.normalization == "tutorial" else dataset_stats(ds)
+    ds.release_pages()  # the statistics read every training image through the cache's map
     # bf16 runs normalise into bf16: the batches the model sees are bf16 under autocast anyway.
     prep = Preprocess(mean, std, device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     check_image_size(cfg.model, ds.train.images.shape[1])
@@ -274,7 +275,8 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
                   "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
     batches = TrainBatches(images, prep, generators["augment"], rows=kept, crop_pad=cfg.crop_pad, flip=cfg.flip,
-                           cutout=cfg.cutout, channels_last=cfg.channels_last)  # flip_base: the same on every rank
+                           cutout=cfg.cutout, channels_last=cfg.channels_last,  # flip_base: the same on every rank
+                           release=ds.release_pages if images.device.type == "cpu" else None)
     if cfg.budget is not None and cfg.plan is None:
         from cifarctl.budget import CALIBRATION_BATCH, plan_run
 
@@ -297,6 +299,7 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     global_batch = cfg.batch_size * world.size  # each rank takes batch_size images of every global batch
     steps_per_epoch = math.ceil(len(labels) / global_batch)
     lookahead = Lookahead(model, steps_per_epoch * cfg.epochs) if cfg.lookahead else None
+    ds.release_pages()  # the whitening (and a budget's calibration) read through the map too
     return Run(cfg, world, device, out, ds, mean, std, prep, labels.to(device), test_x, ds.test.labels.to(device),
                val_x, val_y, model, mconfig, stepper, batches, generators, lookahead, steps_per_epoch, global_batch)
 
@@ -310,7 +313,9 @@ def place_images(ds: Dataset, device: torch.device, reporter: Reporter) -> tuple
         free, _ = torch.cuda.mem_get_info(device)
         if nbytes <= free // 4:  # the rest is for the model, its activations and the allocator's slack
             reporter.log(f"dataset: a uint8 copy on {device} ({nbytes / 1e6:,.0f} MB)")
-            return train.to(device), test.to(device)
+            copies = train.to(device), test.to(device)
+            ds.release_pages()
+            return copies
         reporter.log(f"dataset: {nbytes / 1e6:,.0f} MB stays memory-mapped in host memory; batches are copied to "
                      f"{device} as they are needed")
     return train, test
@@ -474,6 +479,7 @@ def end_epoch(run: Run, reporter: Reporter) -> None:
     else:
         run.accuracy = run.accuracy_plain = float("nan")  # nothing stale goes into this epoch's weights
         reporter.log(f"epoch {run.epoch}: done in {row['train_s']} s")
+    run.ds.release_pages()  # scoring read its images through the cache's map
     row.update({"step": run.epoch * run.steps_per_epoch, "images": run.epoch * len(run.train_y),
                 "elapsed_s": f"{run.seconds():.2f}"})
     save_weights(run.out.weights, run.model.state_dict(), _weights_meta(run))
