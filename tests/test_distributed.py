@@ -35,14 +35,22 @@ def test_shards_are_disjoint_and_cover_the_global_batch() -> None:
     assert torch.equal(torch.cat(parts), idx)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
-    """2 gloo ranks x batch 8 end with the weights of 1 process x batch 16, and write one set of run files."""
-    data_dir = write_tiny_cache(tmp_path / "data", n_train=320, n_test=40)
-    runs = tmp_path / "runs"
-    ddp = _train(data_dir, runs / "ddp", "--nproc", "2", "-b", "8", "--epochs", "2")
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(data dir, runs dir, output) of `--nproc 2 -b 8 --epochs 1` (20 global steps of 16): the run
+    that one process and two "nodes" are compared with."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data_dir = write_tiny_cache(tmp / "data", n_train=320, n_test=40)
+    ddp = _train(data_dir, tmp / "runs" / "ddp", "--nproc", "2", "-b", "8", "--epochs", "1")
     out, _ = ddp.communicate(timeout=240)
     assert ddp.returncode == 0, out
-    single = _train(data_dir, tmp_path / "single" / "run", "-b", "16", "--epochs", "2")
+    return data_dir, tmp / "runs", out
+
+
+def test_two_processes_match_one_with_the_same_global_batch(two_process_run, tmp_path: Path) -> None:
+    """2 gloo ranks x batch 8 end with the weights of 1 process x batch 16, and write one set of run files."""
+    data_dir, runs, out = two_process_run
+    single = _train(data_dir, tmp_path / "single" / "run", "-b", "16", "--epochs", "1")
     out1, _ = single.communicate(timeout=240)
     assert single.returncode == 0, out1
 
@@ -54,7 +62,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> N
     b = load_file(str(tmp_path / "single" / "run" / "weights.safetensors"))
     # Not bit-exact: DDP averages two half-batch gradients after an all-reduce, while one process
     # takes the mean over 16 images in one reduction (and uses the fused CPU step), so float
-    # rounding differs in the last bits and grows a little over 40 steps.
+    # rounding differs in the last bits and grows a little over the 20 steps.
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
 
@@ -115,9 +123,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_over_loopback_match_one_node_with_two_processes(tmp_path: Path) -> None:
+def test_two_nodes_over_loopback_match_one_node_with_two_processes(two_process_run, tmp_path: Path) -> None:
     """Two torchrun "nodes" (c10d rendezvous on 127.0.0.1, gloo) end with the weights of one node x 2 processes."""
-    data_dir = write_tiny_cache(tmp_path / "data", n_train=160, n_test=16)
+    data_dir, runs, _ = two_process_run
     port = _free_port()
     args = ["--data-dir", str(data_dir), "--seed", "0", "--device", "cpu", "--deterministic", "--epochs", "1",
             "-b", "8", "--log-every", "1000"]
@@ -132,11 +140,7 @@ def test_two_nodes_over_loopback_match_one_node_with_two_processes(tmp_path: Pat
     for proc, _ in nodes:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
-    single = _train(data_dir, tmp_path / "one" / "run", "--nproc", "2", "--epochs", "1", "-b", "8",
-                    "--log-every", "1000")
-    out, _ = single.communicate(timeout=300)
-    assert single.returncode == 0, out
     a = load_file(str(tmp_path / "multi" / "weights.safetensors"))
-    b = load_file(str(tmp_path / "one" / "run" / "weights.safetensors"))
+    b = load_file(str(runs / "ddp" / "weights.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key

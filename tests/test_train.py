@@ -117,15 +117,21 @@ def test_resume_after_sigkill_in_epoch_two_is_bit_identical(resume_data, tmp_pat
     _assert_identical(load_file(str(run / "weights.safetensors")), full)
 
 
-def _signal_mid_run(data_dir: Path, run: Path, sig: int, delay: float, *extra: str) -> tuple[int, str]:
-    """Start a run, send `sig` once it is training, and return (exit code, output)."""
-    proc = subprocess.Popen(_train_cmd(data_dir, run, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    _wait_for(run / "config.json", proc)
-    time.sleep(delay)
+def _signal_mid_run(data_dir: Path, run: Path, sig: int, *extra: str, after_steps: int = 100) -> tuple[int, str]:
+    """Start a run, send `sig` once it has logged its first loss (after `after_steps` steps), and
+    return (exit code, output). Waiting for the log line, not a fixed delay, lands the signal
+    mid-epoch on a fast machine and a slow one alike."""
+    proc = subprocess.Popen(_train_cmd(data_dir, run, *extra, "--log-every", str(after_steps)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "loss:" in line:
+            break
     proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=60)
-    return proc.returncode, output
+    rest, _ = proc.communicate(timeout=60)
+    return proc.returncode, "".join(seen) + rest
 
 
 @pytest.mark.slow
@@ -133,7 +139,7 @@ def test_resume_after_sigint_mid_epoch_is_bit_identical(resume_data, tmp_path: P
     """Ctrl-C mid-epoch saves a checkpoint, exits 130 with the resume command; resuming gives identical weights."""
     data_dir, full = resume_data
     run = tmp_path / "run"
-    code, output = _signal_mid_run(data_dir, run, signal.SIGINT, 0.5)
+    code, output = _signal_mid_run(data_dir, run, signal.SIGINT)
     assert code == 130, output
     assert f"cifarctl train --resume {run}" in output
     assert "Traceback" not in output
@@ -148,7 +154,7 @@ def test_sigterm_exits_143_with_a_checkpoint(resume_data, tmp_path: Path) -> Non
     """SIGTERM finishes the step, writes the checkpoint and exits 143."""
     data_dir, _ = resume_data
     run = tmp_path / "run"
-    code, output = _signal_mid_run(data_dir, run, signal.SIGTERM, 0.3)
+    code, output = _signal_mid_run(data_dir, run, signal.SIGTERM)
     assert code == 143, output
     assert (run / "checkpoint.safetensors").is_file()
     assert os.path.getsize(run / "checkpoint.safetensors") > 0
@@ -185,11 +191,13 @@ def test_resume_restores_augmentation_state_exactly(tiny_data_dir: Path, tmp_pat
 def test_lookahead_run_interrupted_mid_epoch_resumes_bit_identical(resume_data, tmp_path: Path) -> None:
     """A fast run with lookahead and the onecycle schedule, Ctrl-C'd mid-run and resumed, ends on the same weights."""
     data_dir, _ = resume_data
-    extra = ("--model", "fast", "--width", "8,16,16", "-b", "8", "--lookahead", "--tta", "none")
+    extra = ("--model", "fast", "--width", "8,16,16", "-b", "32", "--lookahead", "--tta", "none")
     subprocess.run(_train_cmd(data_dir, tmp_path / "full", *extra), check=True, capture_output=True)
     run = tmp_path / "run"
-    code, output = _signal_mid_run(data_dir, run, signal.SIGINT, 0.5, *extra)
+    code, output = _signal_mid_run(data_dir, run, signal.SIGINT, *extra, after_steps=20)
     assert code == 130, output
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["cifarctl_checkpoint"])["step"] > 0, "the interrupt should land mid-epoch"
     subprocess.run([sys.executable, "-m", "cifarctl", "train", "--resume", str(run)], check=True, capture_output=True)
     _assert_identical(load_file(str(run / "weights.safetensors")),
                       load_file(str(tmp_path / "full" / "weights.safetensors")))
