@@ -3,6 +3,7 @@ the cache pages handed back as batches are read, and no torch._dynamo in a plain
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def _mapped_kib(path: Path) -> int:
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
 def test_reading_a_cache_leaves_its_pages_resident_until_released(tmp_path: Path) -> None:
     """After a pass over every image the cache is resident in the reader; releasing the pages
-    drops them from its memory, and the images read the same afterwards."""
+    drops them from its memory, and the images read the same afterwards. Computing the channel
+    statistics reads every image too and leaves no more than a chunk behind."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8)  # 6 MB
     arrays = {"train_images": images, "train_labels": np.arange(2000, dtype=np.int64) % 10,
@@ -107,6 +109,10 @@ def test_reading_a_cache_leaves_its_pages_resident_until_released(tmp_path: Path
     ds.release_pages()
     assert _mapped_kib(path) < 100
     assert int(ds.train.images.sum()) == total == int(images.sum(dtype=np.int64))
+    ds.release_pages()
+    unrecorded = dataclasses.replace(ds, metadata={})  # a cache from before mean/std were recorded
+    assert data.dataset_stats(unrecorded) == data.dataset_stats(ds)  # computed over every image ...
+    assert _mapped_kib(path) < 1000  # ... and handed back a chunk at a time
 
 
 def test_batches_hand_the_pages_back_after_every_chunk() -> None:
