@@ -162,8 +162,15 @@ class TrainBatches:
         self._steps, self._chunk = steps, None
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Normalised, unaugmented training images `idx`: (len(idx), 3, H, W) on the device."""
-        return self.prep(self.images[self._rows(idx)])
+        """Normalised, unaugmented training images `idx`: (len(idx), 3, H, W) on the device, read a
+        chunk at a time. Each page fault on a map brings in its neighbours too (64 KB here), so one
+        read of 5,000 scattered rows would hold 300 MB of the map at once."""
+        parts = []
+        for part in idx.split(self.per_chunk):
+            parts.append(self.prep(self.images[self._rows(part)]))
+            if self.release is not None:
+                self.release()
+        return torch.cat(parts) if parts else self.prep(self.images[:0])
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows of `images` holding training images `idx`, on the images' device."""
