@@ -570,8 +570,6 @@ def export(
 def main() -> None:
     """Entry point of the `cifarctl` console script: usage errors (a bad option value, a missing
     argument) are one line on stderr and exit 2, like every other failure."""
-    import sys
-
     from cifarctl.render import error_line
 
     try:
@@ -579,11 +577,30 @@ def main() -> None:
     except Exception as err:
         if type(err).__name__ == "Abort":  # Ctrl-C at a prompt or during parsing
             error_line("stopped by Ctrl-C", "interrupted:")
-            sys.exit(130)
+            _exit(130)
         if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
             raise
         ctx = getattr(err, "ctx", None)
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         error_line(f"{err.format_message().rstrip('.')}{hint}")
-        sys.exit(err.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+        _exit(err.exit_code)
+    _exit(code if isinstance(code, int) else 0)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A process that has loaded torch skips the interpreter's teardown, which
+    spends most of a second unloading torch's CUDA build here after every command: the atexit
+    handlers run and the streams are flushed first, and only when no other Python thread is left."""
+    import sys
+    import threading
+
+    if "torch" in sys.modules and threading.active_count() == 1:
+        import atexit
+        import contextlib
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
