@@ -163,3 +163,23 @@ def test_resolve_resume_and_weights_file_rules(tmp_path: Path) -> None:
         rundir.weights_file(tmp_path / "nope.safetensors")
     with pytest.raises(UsageError, match="holds no checkpoint"):
         rundir.resolve_resume(run.root)
+
+
+@pytest.mark.parametrize("name", ["run with spaces", "run [1]", "it's $HOME; rm -rf x"])
+def test_suggested_resume_commands_paste_back_into_a_shell(tmp_path: Path, name: str) -> None:
+    """The `--resume PATH` that an interrupted run and a refused output dir print is shell-quoted:
+    split as a shell would, it gives back the exact folder."""
+    import shlex
+    import signal
+
+    from cifarctl.train import _interrupted
+
+    folder = tmp_path / name
+    command = str(_interrupted(signal.SIGINT, folder)).split("resume with: ", 1)[1]
+    assert shlex.split(command) == ["cifarctl", "train", "--resume", str(folder)]
+    folder.mkdir()
+    (folder / "weights.safetensors").write_bytes(b"x")  # what makes it hold a run
+    with pytest.raises(UsageError) as err:
+        rundir.refuse_existing(rundir.RunDir(folder), overwrite=False)
+    quoted = str(err.value).split("--resume ", 1)[1].split(", replace it", 1)[0]
+    assert shlex.split(quoted) == [str(folder)]

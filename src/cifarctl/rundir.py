@@ -14,6 +14,7 @@ import csv
 import errno
 import io
 import os
+import shlex
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,8 +111,8 @@ def check_outputs(run: RunDir) -> None:
 def refuse_existing(run: RunDir, overwrite: bool) -> None:
     """A new run never replaces an earlier one's files unless asked (`--overwrite`)."""
     if run.holds_a_run() and not overwrite:
-        raise UsageError(f"{run.root} already holds a run; continue it with --resume {run.root}, replace it with "
-                         "--overwrite, or choose another --output-dir")
+        raise UsageError(f"{run.root} already holds a run; continue it with --resume {shlex.quote(str(run.root))}, "
+                         "replace it with --overwrite, or choose another --output-dir")
 
 
 def resolve_resume(path: Path) -> RunDir:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import secrets
+import shlex
 import signal
 import time
 from contextlib import contextmanager
@@ -647,4 +648,4 @@ def _fail_non_finite(run: Run, i: int) -> None:
 def _interrupted(signum: int, run_dir: Path) -> TrainingInterrupted:
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     return TrainingInterrupted(f"{name}: stopped and saved a checkpoint; resume with: "
-                               f"cifarctl train --resume {run_dir}", exit_code=128 + signum)
+                               f"cifarctl train --resume {shlex.quote(str(run_dir))}", exit_code=128 + signum)
