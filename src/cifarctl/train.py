@@ -261,7 +261,6 @@ def setup(cfg: TrainConfig, out: RunDir, device: torch.device, world: World, rep
     _seed_everything(cfg.seed)
     ds = ensure_dataset(DownloadConfig(data_dir=cfg.data_dir, dataset=cfg.dataset), reporter)
     mean, std = NORMALIZATION["tutorial"] if cfg.normalization == "tutorial" else dataset_stats(ds)
-    ds.release_pages()  # the statistics read every training image through the cache's map
     # bf16 runs normalise into bf16: the batches the model sees are bf16 under autocast anyway.
     prep = Preprocess(mean, std, device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
     check_image_size(cfg.model, ds.train.images.shape[1])
